@@ -1,0 +1,261 @@
+"""
+The C{hyperdb-mcp} command line.
+
+C{hyperdb-mcp daemon} runs the daemon in the foreground (the same service as
+C{twistd -n hyperdaemon}); C{hyperdb-mcp daemon status} and C{hyperdb-mcp
+daemon stop} manage a running one, ours or any daemon that speaks the health
+protocol.  Errors a user can cause end in one line on stderr that says the
+fix, and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import datetime, timezone
+from typing import Any, NoReturn, Sequence
+
+from . import __version__, config
+from .healthclient import (
+    DaemonError,
+    HealthConnection,
+    locate,
+    status as fetch_status,
+    wait_pid_gone,
+    wait_port_free,
+)
+
+PROG = "hyperdb-mcp"
+NO_DAEMON = "No daemon is currently running."
+#: Seconds `daemon stop` waits for the daemon to be gone.
+STOP_TIMEOUT = 30.0
+
+
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line, with where to look."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--port", default=argparse.SUPPRESS,
+        help="the daemon's health port (default: HYPERDB_DAEMON_PORT, else "
+             "daemon.json, else a scan of 7485-7500)",
+    )
+    parser.add_argument(
+        "--state-dir", default=argparse.SUPPRESS,
+        help="state directory (default: HYPERDB_STATE_DIR, else ~/.hyperdb)",
+    )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Hyper SQL for AI assistants, through one shared hyperd per user.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    commands = parser.add_subparsers(dest="command", parser_class=_Parser)
+
+    daemon = commands.add_parser(
+        "daemon", help="run the shared daemon in the foreground, or manage it",
+        description="Run the per-user daemon in the foreground (stop it with "
+                    "Ctrl-C, SIGTERM or 'hyperdb-mcp daemon stop').",
+    )
+    _common(daemon)
+    daemon.add_argument(
+        "--idle-timeout", default=argparse.SUPPRESS,
+        help="seconds without sessions or commands before it stops; 0 = never "
+             "(default: HYPERDB_DAEMON_IDLE_TIMEOUT, else 1800)",
+    )
+    daemon.add_argument(
+        "--compat", action="store_true", default=argparse.SUPPRESS,
+        help="start hyperd without a password, for upstream Rust clients",
+    )
+    actions = daemon.add_subparsers(dest="action", parser_class=_Parser)
+    status = actions.add_parser(
+        "status", help="show the running daemon's facts",
+        description="Show the running daemon (exit 0), or say none runs (exit 1).",
+    )
+    _common(status)
+    status.add_argument("--json", action="store_true", help="print its STATUS object as JSON")
+    stop = actions.add_parser(
+        "stop", help="stop the running daemon and wait until it is gone",
+        description="Ask the running daemon to stop; return once it has exited (exit 0), "
+                    "or exit 1 if none runs.",
+    )
+    _common(stop)
+    return parser
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"{PROG}: {message}" if not message.startswith(NO_DAEMON) else message, file=sys.stderr)
+    return code
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    options = vars(args)
+    if args.command != "daemon":
+        return _fail(
+            "the MCP server is not part of this release yet; "
+            "run 'hyperdb-mcp daemon' for the shared daemon.", 2
+        )
+    action = options.get("action")
+    if action == "status":
+        return daemon_status(options)
+    if action == "stop":
+        return daemon_stop(options)
+    return run_daemon(options)
+
+
+def _locate(options: dict[str, Any]) -> tuple[int | None, int]:
+    """The port of the running daemon (or None), and an exit code for errors."""
+    try:
+        choice = config.port_choice(options.get("port"), os.environ)
+        state = config.state_dir(options.get("state_dir"), os.environ)
+    except config.ConfigError as e:
+        return None, _fail(str(e), 2)
+    found = locate(state, choice)
+    return (found.port if found else None), 0
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m{secs:02d}s"
+    if minutes:
+        return f"{minutes}m{secs:02d}s"
+    return f"{secs}s"
+
+
+def _uptime(facts: dict[str, Any]) -> float | None:
+    if isinstance(facts.get("uptime_s"), (int, float)):
+        return float(facts["uptime_s"])
+    try:
+        started = datetime.fromisoformat(str(facts["started_at"]))
+    except (KeyError, ValueError):
+        return None
+    return (datetime.now(timezone.utc) - started).total_seconds()
+
+
+def describe(facts: dict[str, Any]) -> str:
+    """The daemon's facts for a person, from its C{STATUS} object."""
+    lines = [f"hyperdb-mcp daemon {facts.get('version', '?')} is running"]
+
+    def row(label: str, value: object) -> None:
+        lines.append(f"  {label:<10} {value}")
+
+    row("pid", facts.get("pid", "?"))
+    row("port", f"127.0.0.1:{facts.get('health_port', '?')}")
+    hyperd = facts.get("hyperd_endpoint") or "(not ready)"
+    if facts.get("hyperd_pid"):
+        hyperd += f" (pid {facts['hyperd_pid']}"
+        if "restarts" in facts:
+            hyperd += f", {facts['restarts']} restarts"
+        hyperd += ")"
+    row("hyperd", hyperd)
+    if facts.get("state"):
+        row("state", facts["state"])
+    uptime = _uptime(facts)
+    if uptime is not None:
+        row("uptime", _age(uptime))
+    if "idle_timeout_s" in facts:
+        idle = facts["idle_timeout_s"]
+        row("idle stop", "never" if not idle else f"after {idle:g} s idle")
+    if "compat" in facts:
+        row("password", "none (--compat)" if facts["compat"] else "required (see daemon.json)")
+    if facts.get("log_dir"):
+        row("logs", facts["log_dir"])
+    sessions = facts.get("sessions")
+    if isinstance(sessions, list):
+        row("sessions", len(sessions))
+        now = time.time()
+        for s in sessions:
+            if not isinstance(s, dict):
+                continue
+            age = ""
+            if isinstance(s.get("attached_at"), (int, float)) and s["attached_at"]:
+                age = f" age {_age(now - s['attached_at'])}"
+            name = f" {s['name']}" if s.get("name") else ""
+            lines.append(
+                f"    {s.get('id')}: pid {s.get('pid')}{name}{age} "
+                f"ephemeral {s.get('ephemeral_db')}"
+            )
+    return "\n".join(lines)
+
+
+def daemon_status(options: dict[str, Any]) -> int:
+    port, code = _locate(options)
+    if code:
+        return code
+    if port is None:
+        return _fail(NO_DAEMON)
+    try:
+        facts = fetch_status(port)
+    except (OSError, DaemonError) as e:
+        return _fail(f"the daemon on port {port} did not report its status: {e}")
+    if options.get("json"):
+        print(json.dumps(facts, indent=2))
+    else:
+        print(describe(facts))
+    return 0
+
+
+def daemon_stop(options: dict[str, Any]) -> int:
+    port, code = _locate(options)
+    if code:
+        return code
+    if port is None:
+        return _fail(NO_DAEMON)
+    pid = None
+    try:
+        pid = fetch_status(port).get("pid")
+    except (OSError, DaemonError):
+        pass
+    try:
+        with HealthConnection(port) as conn:
+            reply = conn.ask("STOP")
+            if reply != "STOPPING":
+                return _fail(f"the daemon on port {port} refused to stop: {reply}")
+            conn.wait_closed(STOP_TIMEOUT)
+    except (OSError, DaemonError) as e:
+        return _fail(f"could not ask the daemon on port {port} to stop: {e}")
+    deadline = time.monotonic() + STOP_TIMEOUT
+    if not wait_port_free(port, STOP_TIMEOUT):
+        return _fail(f"the daemon on port {port} is still listening after {STOP_TIMEOUT:g} s")
+    if isinstance(pid, int) and not wait_pid_gone(pid, max(deadline - time.monotonic(), 0.1)):
+        return _fail(f"the daemon (pid {pid}) has not exited after {STOP_TIMEOUT:g} s")
+    print(f"Stopped the daemon on port {port}" + (f" (pid {pid})." if pid else "."))
+    return 0
+
+
+def run_daemon(options: dict[str, Any]) -> int:
+    """Run the daemon in this process until it stops; its exit code."""
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from .daemon import StartupError
+    from .tap import build_service
+
+    try:
+        service = build_service(options, reactor)
+        service.privilegedStartService()
+    except StartupError as e:
+        print(f"{PROG} daemon: {e}", file=sys.stderr)
+        return 1
+    globalLogBeginner.beginLoggingTo(
+        [textFileLogObserver(sys.stderr)], redirectStandardIO=False
+    )
+    service.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return service.exit_code
+
+

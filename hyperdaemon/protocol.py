@@ -1,0 +1,170 @@
+"""
+The health protocol: TCP on 127.0.0.1, one UTF-8 command per line, one reply
+line per command, many commands per connection (SPEC.md).
+
+This module parses and dispatches; what a command does belongs to the
+L{HealthTarget} it is given (the daemon).  A connection is dropped when it is
+silent or trickles for L{HealthProtocol.timeOut} seconds, or sends a line
+longer than L{HealthProtocol.MAX_LENGTH}; either way the daemon and every
+other connection are unharmed.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Callable, Protocol
+
+from twisted.internet.interfaces import IPushProducer, ITransport
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
+
+from . import PRODUCT
+
+
+class HealthTarget(Protocol):
+    """What the health protocol needs of the daemon."""
+
+    version: str
+
+    def touch(self) -> None:
+        """Any command was received: it counts as activity."""
+
+    def status(self) -> dict[str, Any]:
+        """The C{STATUS} object."""
+
+    def stop(self) -> None:
+        """Begin the graceful shutdown."""
+
+    def report_hyperd_error(self) -> None:
+        """A client saw C{hyperd} fail: check it now."""
+
+
+#: Decides whether the peer of a transport may use more than C{PING}.
+Authorizer = Callable[[ITransport], bool]
+
+
+@implementer(IPushProducer)
+class _ReadThrottle:
+    """
+    Stops reading from a client that does not read our replies, so that a
+    flood of commands cannot grow our write buffer without bound.
+    """
+
+    def __init__(self, transport: ITransport) -> None:
+        self._transport = transport
+
+    def pauseProducing(self) -> None:
+        self._transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class HealthProtocol(LineReceiver, TimeoutMixin):
+    """
+    One health connection.  Replies are byte-exact with the upstream daemon;
+    commands are matched after trimming white space (C{\\r\\n} is accepted).
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 4096
+    #: Seconds a connection may go without sending a whole line.
+    timeOut: float | None = 30.0
+
+    _log = Logger()
+
+    def __init__(self, target: HealthTarget, authorize: Authorizer) -> None:
+        self._target = target
+        self._authorize = authorize
+        self._allowed: bool | None = None
+        self._commands: dict[str, Callable[[str], str]] = {
+            "PING": self.cmd_PING,
+            "HEARTBEAT": self.cmd_HEARTBEAT,
+            "STATUS": self.cmd_STATUS,
+            "STOP": self.cmd_STOP,
+            "REPORT_HYPERD_ERROR": self.cmd_REPORT_HYPERD_ERROR,
+        }
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.timeOut)
+        self.transport.registerProducer(_ReadThrottle(self.transport), True)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.setTimeout(None)
+
+    def timeoutConnection(self) -> None:
+        self._close("ERR timeout")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._close("ERR line too long")
+
+    def _close(self, message: str) -> None:
+        self.sendLine(message.encode("ascii"))
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    def lineReceived(self, line: bytes) -> None:
+        self.resetTimeout()
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError:
+            self.sendLine(b"ERR invalid utf-8")
+            return
+        command, _, argument = text.strip().partition(" ")
+        if command != "PING" and not self._is_allowed():
+            self.sendLine(b"ERR forbidden")
+            return
+        self._target.touch()
+        handler = self._commands.get(command)
+        if handler is None:
+            self.sendLine(b"ERR unknown command")
+            return
+        self.sendLine(handler(argument.strip()).encode("utf-8"))
+
+    def _is_allowed(self) -> bool:
+        if self._allowed is None:
+            self._allowed = self._authorize(self.transport)
+            if not self._allowed:
+                self._log.warn(
+                    "refused a connection from another user ({peer})",
+                    peer=str(self.transport.getPeer()),
+                )
+        return self._allowed
+
+    def cmd_PING(self, argument: str) -> str:
+        return f"PONG {PRODUCT} {self._target.version}"
+
+    def cmd_HEARTBEAT(self, argument: str) -> str:
+        return "OK"
+
+    def cmd_STATUS(self, argument: str) -> str:
+        return json.dumps(self._target.status(), separators=(",", ":"))
+
+    def cmd_STOP(self, argument: str) -> str:
+        self._target.stop()
+        return "STOPPING"
+
+    def cmd_REPORT_HYPERD_ERROR(self, argument: str) -> str:
+        self._target.report_hyperd_error()
+        return "OK"
+
+
+class HealthFactory(ServerFactory):
+    """Makes a L{HealthProtocol} for each connection to the health port."""
+
+    noisy = False
+
+    def __init__(self, target: HealthTarget, authorize: Authorizer) -> None:
+        self.target = target
+        self.authorize = authorize
+
+    def buildProtocol(self, addr: object) -> HealthProtocol:
+        protocol = HealthProtocol(self.target, self.authorize)
+        protocol.factory = self
+        return protocol

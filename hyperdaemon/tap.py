@@ -1,0 +1,126 @@
+"""
+The twistd plugin's options and service maker (C{twistd hyperdaemon}).
+
+L{makeService} resolves and checks every setting before twistd forks, so
+that a bad flag, an unusable state directory, a missing C{hyperd} or a
+daemon already running ends the command at once with one clear line and a
+non-zero exit, leaving nothing behind.  It starts nothing: the health port is
+bound in C{privilegedStartService} and C{hyperd} in C{startService}.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+from twisted.python import usage
+
+from . import config
+from .daemon import DaemonService, DaemonSettings, StartupError
+from .discovery import StateDirError, prepare_state_dir
+from .healthclient import PortState, probe_port
+
+
+class Options(usage.Options):
+    synopsis = "[--port N] [--idle-timeout S] [--state-dir DIR] [--compat]"
+    longdesc = (
+        "Run the per-user hyperdb-mcp daemon: one shared hyperd for every "
+        "MCP server of this user.  Flags beat environment variables "
+        "(HYPERDB_DAEMON_PORT, HYPERDB_DAEMON_IDLE_TIMEOUT, HYPERDB_STATE_DIR, "
+        "HYPERD_PATH), which beat the defaults."
+    )
+    optParameters = [
+        ["port", "p", None,
+         "Health port on 127.0.0.1 (default: HYPERDB_DAEMON_PORT, else the "
+         "first free port of 7485-7500)."],
+        ["idle-timeout", None, None,
+         "Seconds without sessions or commands before the daemon stops; 0 = "
+         "never (default: HYPERDB_DAEMON_IDLE_TIMEOUT, else 1800)."],
+        ["state-dir", None, None,
+         "Directory for daemon.json and logs (default: HYPERDB_STATE_DIR, else ~/.hyperdb)."],
+    ]
+    optFlags = [
+        ["compat", None,
+         "Start hyperd without a password, so that upstream Rust clients can use it."],
+    ]
+
+    def postOptions(self) -> None:
+        try:
+            config.port_choice(self["port"], os.environ)
+            config.idle_timeout(self["idle-timeout"], os.environ)
+        except config.ConfigError as e:
+            raise usage.UsageError(str(e))
+
+
+def choose_port(choice: config.PortChoice) -> int:
+    """
+    The health port to bind: the pinned one, or the first free one of the
+    range, skipping ports held by other programs.
+
+    @raise StartupError: if a daemon already answers there (one per user),
+        the pinned port is taken, or the range is full.
+    """
+    for port in choice.candidates():
+        found = probe_port(port)
+        if found.state is PortState.DAEMON:
+            raise StartupError(
+                f"A hyperdb-mcp daemon (version {found.version}) is already running on "
+                f"port {port}: use it, see 'hyperdb-mcp daemon status --port {port}', "
+                f"or stop it with 'hyperdb-mcp daemon stop --port {port}'."
+            )
+        if found.state is PortState.FREE:
+            return port
+    if choice.pinned is not None:
+        raise StartupError(
+            f"Port {choice.pinned} is in use by another program: choose another "
+            f"with --port or HYPERDB_DAEMON_PORT."
+        )
+    raise StartupError(
+        f"Every port from {choice.first} to {choice.last} is in use by other programs: "
+        f"pin a free one with --port or HYPERDB_DAEMON_PORT."
+    )
+
+
+def resolve_settings(options: Mapping[str, Any], environ: Mapping[str, str]) -> DaemonSettings:
+    """
+    Resolve and check every setting (C{options} keys: C{port},
+    C{idle_timeout}, C{state_dir}, C{compat}); prepare the state directory.
+
+    @raise StartupError: with one sentence naming the problem and the fix.
+    """
+    try:
+        choice = config.port_choice(options.get("port"), environ)
+        idle = config.idle_timeout(options.get("idle_timeout"), environ)
+        state = config.state_dir(options.get("state_dir"), environ)
+        hyperd = config.hyperd_executable(environ)
+        logs = prepare_state_dir(state)
+    except (config.ConfigError, StateDirError) as e:
+        raise StartupError(str(e)) from None
+    return DaemonSettings(
+        port=choose_port(choice),
+        state_dir=state,
+        logs_dir=logs,
+        idle_timeout=idle,
+        hyperd=hyperd,
+        compat=bool(options.get("compat")),
+    )
+
+
+def build_service(options: Mapping[str, Any], reactor: Any) -> DaemonService:
+    """The daemon service for these options, stopping C{reactor} when done."""
+    settings = resolve_settings(options, os.environ)
+
+    def stop_reactor() -> None:
+        if reactor.running:
+            reactor.stop()
+
+    return DaemonService(reactor, settings, on_shutdown=stop_reactor, install_signal_handlers=True)
+
+
+def makeService(options: Options) -> DaemonService:
+    from twisted.internet import reactor
+
+    try:
+        return build_service({k.replace("-", "_"): v for k, v in options.items()}, reactor)
+    except StartupError as e:
+        raise SystemExit(f"twistd hyperdaemon: {e}") from None

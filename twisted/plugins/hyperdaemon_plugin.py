@@ -1,0 +1,8 @@
+from twisted.application.service import ServiceMaker
+
+hyperdaemon = ServiceMaker(
+    "hyperdaemon",
+    "hyperdaemon.tap",
+    "The per-user hyperdb-mcp daemon: one shared hyperd for every MCP server.",
+    "hyperdaemon",
+)
