@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Protocol
 
-from twisted.internet.interfaces import IPushProducer, ITransport
+from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ITransport
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -66,10 +66,13 @@ class _ReadThrottle:
         pass
 
 
+@implementer(IHalfCloseableProtocol)
 class HealthProtocol(LineReceiver, TimeoutMixin):
     """
     One health connection.  Replies are byte-exact with the upstream daemon;
     commands are matched after trimming white space (C{\\r\\n} is accepted).
+    A client may half-close (C{printf 'STATUS\\n' | nc -N}): it still gets
+    its replies, then the connection closes.
     """
 
     delimiter = b"\n"
@@ -97,6 +100,13 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: object = None) -> None:
         self.setTimeout(None)
+
+    def readConnectionLost(self) -> None:
+        self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
         self._close("ERR timeout")

@@ -1,0 +1,7 @@
+"""C{python -m hyperdaemon} is C{hyperdb-mcp}."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

@@ -1,0 +1,230 @@
+"""
+Helpers for tests that run the real daemon and the real hyperd.
+
+Waiting is always for a condition with a bound (L{wait_for}); nothing here
+sleeps and hopes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+MARKER = "HYPERDAEMON_TEST_SESSION"
+RESERVED_PORTS = range(7485, 7501)
+#: Bound for a daemon (and its hyperd) to become ready.
+READY_TIMEOUT = 60.0
+#: Bound for anything that should happen "at once".
+QUICK = 15.0
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.02) -> Any:
+    """Poll C{predicate} until it returns something true; fail after C{timeout}."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        time.sleep(interval)
+
+
+def free_port() -> int:
+    """A port nothing listens on now, never one of the daemon's real range."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in RESERVED_PORTS:
+            return port
+
+
+def port_is_free(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def ask(port: int, *commands: str, timeout: float = 10.0) -> list[str]:
+    """Send C{commands} on one connection; their reply lines."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        f = s.makefile("rwb")
+        replies = []
+        for command in commands:
+            f.write(command.encode("utf-8") + b"\n")
+            f.flush()
+            replies.append(f.readline().decode("utf-8").rstrip("\n"))
+        return replies
+
+
+def status(port: int) -> dict[str, Any]:
+    return json.loads(ask(port, "STATUS")[0])
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether C{pid} runs (a zombie does not count)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and pid_alive(int(entry)):
+            found.append(int(entry))
+    return found
+
+
+def hyperd_query(record: dict[str, Any], sql: str = "SELECT 1 + 1") -> Any:
+    """Run C{sql} on the hyperd that C{record} (daemon.json or STATUS) names."""
+    import psycopg
+
+    host, _, port = record["hyperd_endpoint"].rpartition(":")
+    with psycopg.connect(
+        host=host, port=int(port), user=record["hyperd_user"],
+        password=record["hyperd_password"], autocommit=True, connect_timeout=5,
+    ) as conn:
+        return conn.execute(sql).fetchone()[0]
+
+
+class DaemonProcess:
+    """
+    A real daemon run as C{python -m hyperdaemon daemon} in a subprocess,
+    with its own state directory and port.
+    """
+
+    def __init__(self, state_dir: Path, port: int | None = None, *extra: str,
+                 env: dict[str, str] | None = None) -> None:
+        self.state_dir = state_dir
+        self.port = port if port is not None else free_port()
+        self.env = dict(os.environ, HYPERDB_STATE_DIR=str(state_dir))
+        if env:
+            self.env.update(env)
+        self.args = [sys.executable, "-m", "hyperdaemon", "daemon",
+                     "--port", str(self.port), *extra]
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    @property
+    def record_path(self) -> Path:
+        return self.state_dir / "daemon.json"
+
+    def record(self) -> dict[str, Any]:
+        return json.loads(self.record_path.read_text())
+
+    def start(self) -> "DaemonProcess":
+        self.proc = subprocess.Popen(
+            self.args, env=self.env, stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        )
+        return self
+
+    def output(self) -> str:
+        """Everything it printed (only once it has exited)."""
+        assert self.proc is not None and self.proc.stdout is not None
+        return self.proc.stdout.read().decode("utf-8", "replace")
+
+    def wait_ready(self) -> dict[str, Any]:
+        def ready() -> dict[str, Any] | None:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"daemon exited with {self.proc.returncode}:\n{self.output()}"
+                )
+            try:
+                facts = status(self.port)
+            except (OSError, ValueError):
+                return None
+            if facts.get("state") == "ready" and self.record_path.exists():
+                return facts
+            return None
+
+        return wait_for(ready, READY_TIMEOUT, "the daemon and its hyperd to be ready")
+
+    def wait_exit(self, timeout: float = QUICK) -> int:
+        assert self.proc is not None
+        return self.proc.wait(timeout)
+
+    def kill(self) -> None:
+        """Stop it however it can be stopped, and its hyperd with it."""
+        if self.proc is None:
+            return
+        hyperds = children_of(self.proc.pid)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(QUICK)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(QUICK)
+        for pid in hyperds:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+
+
+def leaked_processes(marker: str, grace: float) -> dict[int, str]:
+    """Live processes carrying the test session's marker, after a grace period."""
+    needle = f"{MARKER}={marker}".encode()
+    me = os.getpid()
+
+    def scan() -> dict[int, str]:
+        found = {}
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == me:
+                continue
+            pid = int(entry)
+            try:
+                with open(f"/proc/{pid}/environ", "rb") as f:
+                    if needle not in f.read().split(b"\0"):
+                        continue
+                with open(f"/proc/{pid}/cmdline", "rb") as f:
+                    cmd = f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()
+            except OSError:
+                continue
+            if pid_alive(pid):
+                found[pid] = cmd
+        return found
+
+    deadline = time.monotonic() + grace
+    found = scan()
+    while found and time.monotonic() < deadline:
+        time.sleep(0.05)
+        found = scan()
+    return found
+
+
+def kill_processes(pids: dict[int, str]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass

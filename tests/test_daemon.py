@@ -1,0 +1,355 @@
+"""
+Integration tests of the daemon: the real daemon process, the real hyperd,
+real sockets.  Each test has its own state directory and a free port.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import stat
+import sys
+from typing import Callable
+
+import pytest
+from twisted.trial.unittest import SynchronousTestCase
+
+from hyperdaemon import __version__
+from support import (
+    QUICK,
+    DaemonProcess,
+    ask,
+    hyperd_query,
+    pid_alive,
+    port_is_free,
+    status,
+    wait_for,
+)
+
+
+class DaemonTestCase(SynchronousTestCase):
+    @pytest.fixture(autouse=True)
+    def _tmp(self, tmp_path):
+        self.tmp = tmp_path
+
+    def start_daemon(self, *extra: str, port: int | None = None,
+                     env: dict[str, str] | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(self.tmp / "state", port, *extra, env=env).start()
+        self.addCleanup(daemon.kill)
+        return daemon
+
+    def assert_gone(self, daemon: DaemonProcess, hyperd_pid: int) -> None:
+        """The daemon exited 0, freed its port, removed its file, took hyperd."""
+        self.assertEqual(daemon.wait_exit(), 0)
+        self.assertTrue(port_is_free(daemon.port))
+        self.assertFalse(daemon.record_path.exists())
+        wait_for(lambda: not pid_alive(hyperd_pid), QUICK, "hyperd to exit")
+
+
+class CommandTests(DaemonTestCase):
+    """Every command of SPEC.md against a running daemon."""
+
+    def setUp(self) -> None:
+        self.daemon = self.start_daemon("--idle-timeout", "0")
+        self.facts = self.daemon.wait_ready()
+
+    def test_ping_identifies_the_daemon(self) -> None:
+        self.assertEqual(ask(self.daemon.port, "PING"), [f"PONG hyperdb-mcp {__version__}"])
+
+    def test_heartbeat_answers_ok(self) -> None:
+        self.assertEqual(ask(self.daemon.port, "HEARTBEAT"), ["OK"])
+
+    def test_status_has_the_spec_fields(self) -> None:
+        facts = status(self.daemon.port)
+        record = self.daemon.record()
+        for field in ("pid", "hyperd_endpoint", "health_port", "started_at", "version",
+                      "hyperd_user", "hyperd_password"):
+            self.assertEqual(facts[field], record[field], field)
+        self.assertEqual(facts["pid"], self.daemon.pid)
+        self.assertEqual(facts["health_port"], self.daemon.port)
+        self.assertEqual(facts["version"], __version__)
+        self.assertTrue(pid_alive(facts["hyperd_pid"]))
+        self.assertEqual(facts["restarts"], 0)
+        self.assertEqual(facts["idle_timeout_s"], 0)
+        self.assertIs(facts["compat"], False)
+        self.assertEqual(facts["sessions"], [])
+        self.assertIsInstance(facts["uptime_s"], float)
+
+    def test_several_commands_on_one_connection(self) -> None:
+        replies = ask(self.daemon.port, "PING", "HEARTBEAT", "NONSENSE", "PING")
+        self.assertEqual(
+            replies,
+            [f"PONG hyperdb-mcp {__version__}", "OK", "ERR unknown command",
+             f"PONG hyperdb-mcp {__version__}"],
+        )
+
+    def test_report_hyperd_error_keeps_a_healthy_hyperd(self) -> None:
+        before = self.facts["hyperd_pid"]
+        self.assertEqual(ask(self.daemon.port, "REPORT_HYPERD_ERROR"), ["OK"])
+        # The check it triggers must pass; afterwards the same hyperd serves.
+        after = status(self.daemon.port)
+        self.assertEqual(after["hyperd_pid"], before)
+        self.assertEqual(after["restarts"], 0)
+        self.assertEqual(hyperd_query(after), 2)
+
+    def test_discovery_credentials_open_a_libpq_connection(self) -> None:
+        self.assertEqual(hyperd_query(self.daemon.record(), "SELECT 6 * 7"), 42)
+
+    def test_hyperd_refuses_a_wrong_password(self) -> None:
+        import psycopg
+
+        record = dict(self.daemon.record(), hyperd_password="not-the-password")
+        with self.assertRaises(psycopg.OperationalError):
+            hyperd_query(record)
+
+    def test_state_files_are_private(self) -> None:
+        state = self.daemon.state_dir
+        self.assertEqual(stat.S_IMODE(state.stat().st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE((state / "logs").stat().st_mode), 0o700)
+        self.assertEqual(stat.S_IMODE(self.daemon.record_path.stat().st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE((state / "logs" / "daemon.log").stat().st_mode), 0o600)
+
+    def test_logs_hold_no_secret(self) -> None:
+        password = self.daemon.record()["hyperd_password"]
+        logs = self.daemon.state_dir / "logs"
+        for path in logs.rglob("*"):
+            if path.is_file():
+                self.assertNotIn(password, path.read_text(errors="replace"), str(path))
+
+    def test_stop_command_shuts_down_cleanly(self) -> None:
+        with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=QUICK) as s:
+            s.sendall(b"STOP\n")
+            self.assertEqual(s.makefile("rb").readline(), b"STOPPING\n")
+        self.assert_gone(self.daemon, self.facts["hyperd_pid"])
+
+
+class BadInputTests(DaemonTestCase):
+    """Malformed input gets an error or a clean close; the daemon is unharmed."""
+
+    def setUp(self) -> None:
+        self.daemon = self.start_daemon("--idle-timeout", "0")
+        self.daemon.wait_ready()
+
+    def raw(self, data: bytes) -> bytes:
+        with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=QUICK) as s:
+            s.sendall(data)
+            s.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := s.recv(65536):
+                chunks.append(chunk)
+            return b"".join(chunks)
+
+    def assert_unharmed(self) -> None:
+        self.assertEqual(ask(self.daemon.port, "PING"), [f"PONG hyperdb-mcp {__version__}"])
+        self.assertEqual(status(self.daemon.port)["state"], "ready")
+
+    def test_over_long_line_is_refused_and_closed(self) -> None:
+        self.assertEqual(self.raw(b"A" * 100_000), b"ERR line too long\n")
+        self.assert_unharmed()
+
+    def test_invalid_utf8_gets_an_error_and_the_connection_stays(self) -> None:
+        self.assertEqual(
+            self.raw(b"\xff\xfe\n PING \r\n"),
+            f"ERR invalid utf-8\nPONG hyperdb-mcp {__version__}\n".encode(),
+        )
+        self.assert_unharmed()
+
+    def test_binary_garbage_is_an_unknown_command(self) -> None:
+        self.assertEqual(self.raw(b"\x00\x01\x02\x03\n"), b"ERR unknown command\n")
+        self.assert_unharmed()
+
+    def test_connections_that_vanish_do_no_harm(self) -> None:
+        for data in (b"", b"PIN", b"STATUS"):
+            with socket.create_connection(("127.0.0.1", self.daemon.port)) as s:
+                s.sendall(data)
+        self.assert_unharmed()
+
+
+class LifecycleTests(DaemonTestCase):
+    def test_second_daemon_on_the_port_is_refused(self) -> None:
+        first = self.start_daemon("--idle-timeout", "0")
+        first.wait_ready()
+        second = self.start_daemon("--idle-timeout", "0", port=first.port)
+        code = second.wait_exit()
+        out = second.output()
+        self.assertNotEqual(code, 0)
+        self.assertIn(f"already running on port {first.port}", out)
+        self.assertIn("hyperdb-mcp daemon status", out)
+        self.assertNotIn("Traceback", out)
+        self.assertEqual(status(first.port)["pid"], first.pid)
+
+    def test_killed_hyperd_is_replaced_and_queryable(self) -> None:
+        daemon = self.start_daemon("--idle-timeout", "0")
+        old = daemon.wait_ready()
+        os.kill(old["hyperd_pid"], signal.SIGKILL)
+        new = wait_for(
+            lambda: (lambda f: f if f["state"] == "ready" and f["hyperd_pid"] != old["hyperd_pid"]
+                     else None)(status(daemon.port)),
+            QUICK, "a new hyperd",
+        )
+        self.assertEqual(new["restarts"], 1)
+        self.assertNotEqual(new["hyperd_endpoint"], old["hyperd_endpoint"])
+        wait_for(lambda: daemon.record()["hyperd_endpoint"] == new["hyperd_endpoint"],
+                 QUICK, "daemon.json to name the new hyperd")
+        self.assertEqual(hyperd_query(daemon.record()), 2)
+
+    def test_killed_daemon_takes_hyperd_with_it(self) -> None:
+        daemon = self.start_daemon("--idle-timeout", "0")
+        facts = daemon.wait_ready()
+        daemon.proc.kill()
+        daemon.proc.wait(QUICK)
+        wait_for(lambda: not pid_alive(facts["hyperd_pid"]), QUICK, "the orphaned hyperd to exit")
+
+    def test_sigterm_shuts_down_cleanly(self) -> None:
+        daemon = self.start_daemon("--idle-timeout", "0")
+        facts = daemon.wait_ready()
+        daemon.proc.send_signal(signal.SIGTERM)
+        self.assert_gone(daemon, facts["hyperd_pid"])
+
+    def test_sigint_shuts_down_cleanly(self) -> None:
+        daemon = self.start_daemon("--idle-timeout", "0")
+        facts = daemon.wait_ready()
+        daemon.proc.send_signal(signal.SIGINT)
+        self.assert_gone(daemon, facts["hyperd_pid"])
+
+    def test_idle_daemon_stops_itself(self) -> None:
+        daemon = self.start_daemon("--idle-timeout", "1")
+        facts = daemon.wait_ready()
+        self.assert_gone(daemon, facts["hyperd_pid"])
+        self.assertIn("idle for 1 s", daemon.output())
+
+    def test_heartbeats_keep_an_idle_daemon_alive(self) -> None:
+        import time
+
+        daemon = self.start_daemon("--idle-timeout", "1")
+        facts = daemon.wait_ready()
+        # Heartbeat for three idle periods; the daemon must still be there.
+        end = time.monotonic() + 3.0
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=QUICK) as s:
+            f = s.makefile("rwb")
+            while time.monotonic() < end:
+                f.write(b"HEARTBEAT\n")
+                f.flush()
+                self.assertEqual(f.readline(), b"OK\n")
+                time.sleep(0.25)
+        self.assertIsNone(daemon.proc.poll())
+        # Without them it stops.
+        self.assert_gone(daemon, facts["hyperd_pid"])
+
+    def test_idle_timeout_from_the_environment(self) -> None:
+        daemon = self.start_daemon(env={"HYPERDB_DAEMON_IDLE_TIMEOUT": "1"})
+        facts = daemon.wait_ready()
+        self.assertEqual(facts["idle_timeout_s"], 1)
+        self.assert_gone(daemon, facts["hyperd_pid"])
+
+    def test_compat_starts_hyperd_without_a_password(self) -> None:
+        daemon = self.start_daemon("--idle-timeout", "0", "--compat")
+        facts = daemon.wait_ready()
+        self.assertIs(facts["compat"], True)
+        self.assertIsNone(daemon.record()["hyperd_password"])
+        self.assertEqual(hyperd_query(daemon.record()), 2)
+
+    def test_stop_leaves_a_successors_discovery_file(self) -> None:
+        daemon = self.start_daemon("--idle-timeout", "0")
+        facts = daemon.wait_ready()
+        successor = dict(daemon.record(), pid=1, health_port=1)
+        import json
+
+        daemon.record_path.write_text(json.dumps(successor))
+        daemon.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(daemon.wait_exit(), 0)
+        self.assertEqual(json.loads(daemon.record_path.read_text()), successor)
+        wait_for(lambda: not pid_alive(facts["hyperd_pid"]), QUICK, "hyperd to exit")
+
+
+NOBODY = 65534
+
+
+def run_as(uid: int, work: Callable[[], str]) -> str:
+    """
+    Run C{work} in a forked child that has dropped to C{uid}; its result.
+    A fork, not a new interpreter: the other user may not be able to read
+    this Python installation.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.write(write_end, work().encode("utf-8"))
+            code = 0
+        except BaseException as e:
+            os.write(write_end, f"child failed: {e!r}".encode("utf-8"))
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        out = pipe.read().decode("utf-8")
+    _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0, out
+    return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")
+class OtherUserTests(DaemonTestCase):
+    """Another local user can neither use, stop, nor read the daemon."""
+
+    def test_other_user_gets_only_ping(self) -> None:
+        daemon = self.start_daemon("--idle-timeout", "0")
+        daemon.wait_ready()
+
+        def converse() -> str:
+            with socket.create_connection(("127.0.0.1", daemon.port), timeout=QUICK) as s:
+                f = s.makefile("rwb")
+                replies = []
+                for c in (b"PING", b"STATUS", b"STOP", b"HEARTBEAT", b"REPORT_HYPERD_ERROR", b"X"):
+                    f.write(c + b"\n")
+                    f.flush()
+                    replies.append(f.readline().decode().strip())
+                return "\n".join(replies)
+
+        self.assertEqual(
+            run_as(NOBODY, converse).splitlines(),
+            [f"PONG hyperdb-mcp {__version__}"] + ["ERR forbidden"] * 5,
+        )
+        self.assertEqual(status(daemon.port)["state"], "ready")
+        self.assertIsNone(daemon.proc.poll())
+
+    def test_other_user_cannot_read_the_discovery_file(self) -> None:
+        daemon = self.start_daemon("--idle-timeout", "0")
+        daemon.wait_ready()
+
+        def read() -> str:
+            try:
+                daemon.record_path.read_text()
+            except PermissionError:
+                return "denied"
+            return "read"
+
+        self.assertEqual(run_as(NOBODY, read), "denied")
+
+    def test_other_user_cannot_log_in_to_hyperd(self) -> None:
+        import psycopg
+
+        daemon = self.start_daemon("--idle-timeout", "0")
+        facts = daemon.wait_ready()
+        host, _, port = facts["hyperd_endpoint"].rpartition(":")
+        # Load psycopg's lazily imported parts while files are readable.
+        with self.assertRaises(psycopg.OperationalError):
+            psycopg.connect(host=host, port=int(port), user="tableau_internal_user",
+                            password="wrong", connect_timeout=5)
+
+        def log_in() -> str:
+            try:
+                psycopg.connect(host=host, port=int(port), user="tableau_internal_user",
+                                connect_timeout=5).close()
+            except psycopg.OperationalError:
+                return "refused"
+            return "connected"
+
+        self.assertEqual(run_as(NOBODY, log_in), "refused")
