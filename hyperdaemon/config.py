@@ -123,19 +123,21 @@ def state_dir(flag: str | None, environ: Mapping[str, str]) -> Path:
     Resolve the state directory: C{--state-dir}, else C{HYPERDB_STATE_DIR},
     else C{~/.hyperdb}.  The path is made absolute; it is not created here.
     """
+    home = environ.get("HOME") or os.path.expanduser("~")
     if flag:
         raw = flag
     elif environ.get(STATE_DIR_VAR, "").strip():
         raw = environ[STATE_DIR_VAR]
     else:
-        home = environ.get("HOME") or os.path.expanduser("~")
+        raw = os.path.join("~", ".hyperdb")
+    if raw == "~" or raw.startswith("~/"):
         if not home or home == "~":
             raise ConfigError(
                 f"Cannot find your home directory: set {STATE_DIR_VAR} to a "
                 f"directory for the daemon's state."
             )
-        raw = os.path.join(home, ".hyperdb")
-    return Path(os.path.abspath(os.path.expanduser(raw)))
+        raw = home + raw[1:]
+    return Path(os.path.abspath(raw))
 
 
 def bundled_hyperd() -> Path | None:

@@ -79,7 +79,7 @@ class DaemonService(MultiService):
         self.sessions = SessionRegistry()
         self.health = strports.service(
             f"tcp:{settings.port}:interface=127.0.0.1",
-            HealthFactory(self, authorize),
+            HealthFactory(self, authorize, reactor),
             reactor=reactor,
         )
         self.health.setServiceParent(self)
@@ -122,7 +122,6 @@ class DaemonService(MultiService):
             ) from None
 
     def startService(self) -> None:
-        (self.settings.logs_dir / "hyperd").mkdir(mode=0o700, exist_ok=True)
         self._log_observer, self._logfile = open_daemon_log(self.settings.logs_dir)
         globalLogPublisher.addObserver(self._log_observer)
         self.started_at = datetime.now(timezone.utc).isoformat()

@@ -73,8 +73,8 @@ class DaemonRecord:
         except KeyError as e:
             raise CorruptDiscovery(f"missing field {e.args[0]!r}") from None
         checks = [
-            isinstance(record.pid, int) and record.pid > 0,
-            isinstance(record.health_port, int) and 0 < record.health_port < 65536,
+            type(record.pid) is int and record.pid > 0,
+            type(record.health_port) is int and 0 < record.health_port < 65536,
             isinstance(record.hyperd_endpoint, str),
             isinstance(record.started_at, str),
             isinstance(record.version, str),

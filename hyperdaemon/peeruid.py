@@ -61,7 +61,10 @@ def _uid_by_netlink(local: tuple[str, int], remote: tuple[str, int]) -> int:
             raise OSError("empty sock_diag answer")
         raise UnknownPeer(f"no such socket (errno {-error})")
     fields = _DIAG_MSG.unpack_from(reply, _HEADER.size)
-    return fields[8]
+    uid, inode = fields[8], fields[9]
+    if inode == 0:
+        raise UnknownPeer("the client closed its socket; its owner is unknown")
+    return uid
 
 
 def _hex_address(address: tuple[str, int]) -> str:
@@ -76,6 +79,8 @@ def _uid_by_procfs(local: tuple[str, int], remote: tuple[str, int]) -> int:
         for line in table:
             fields = line.split()
             if fields[1] == want_local and fields[2] == want_remote:
+                if fields[9] == "0":
+                    raise UnknownPeer("the client closed its socket; its owner is unknown")
                 return int(fields[7])
     raise UnknownPeer("no such socket in /proc/net/tcp")
 
@@ -86,8 +91,9 @@ def peer_uid(server: tuple[str, int], client: tuple[str, int]) -> int | None:
     C{server} (our accepted socket's address) and C{client} (its peer).
 
     @return: the uid, or C{None} where the platform cannot tell.
-    @raise UnknownPeer: if the client's socket no longer exists (or is not
-        on this machine).
+    @raise UnknownPeer: if the client's socket no longer exists, is not on
+        this machine, or is closed (an orphaned socket reports uid 0, which
+        must not pass for root).
     """
     if not SUPPORTED:
         return None

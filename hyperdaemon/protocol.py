@@ -14,7 +14,12 @@ from __future__ import annotations
 import json
 from typing import Any, Callable, Protocol
 
-from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer, ITransport
+from twisted.internet.interfaces import (
+    IHalfCloseableProtocol,
+    IPushProducer,
+    IReactorTime,
+    ITransport,
+)
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
@@ -79,6 +84,9 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
     MAX_LENGTH = 4096
     #: Seconds a connection may go without sending a whole line.
     timeOut: float | None = 30.0
+    #: Seconds a closing connection may take to read its last replies
+    #: before it is cut off.
+    closeGrace: float = 5.0
 
     _log = Logger()
 
@@ -86,6 +94,7 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         self._target = target
         self._authorize = authorize
         self._allowed: bool | None = None
+        self._cutoff: Any = None
         self._commands: dict[str, Callable[[str], str]] = {
             "PING": self.cmd_PING,
             "HEARTBEAT": self.cmd_HEARTBEAT,
@@ -100,13 +109,14 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: object = None) -> None:
         self.setTimeout(None)
+        if self._cutoff is not None and self._cutoff.active():
+            self._cutoff.cancel()
 
     def readConnectionLost(self) -> None:
-        self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        self._close()
 
     def writeConnectionLost(self) -> None:
-        self.transport.loseConnection()
+        self._close()
 
     def timeoutConnection(self) -> None:
         self._close("ERR timeout")
@@ -114,12 +124,23 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
     def lineLengthExceeded(self, line: bytes) -> None:
         self._close("ERR line too long")
 
-    def _close(self, message: str) -> None:
-        self.sendLine(message.encode("ascii"))
+    def _close(self, message: str | None = None) -> None:
+        """
+        Say C{message}, flush, close; a client that does not read what is
+        left is cut off after L{closeGrace} seconds.
+        """
+        if self._cutoff is not None:
+            return
+        self.setTimeout(None)
+        if message is not None:
+            self.sendLine(message.encode("ascii"))
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+        self._cutoff = self.callLater(self.closeGrace, self.transport.abortConnection)
 
     def lineReceived(self, line: bytes) -> None:
+        if self._cutoff is not None:
+            return
         self.resetTimeout()
         try:
             text = line.decode("utf-8")
@@ -170,11 +191,15 @@ class HealthFactory(ServerFactory):
 
     noisy = False
 
-    def __init__(self, target: HealthTarget, authorize: Authorizer) -> None:
+    def __init__(self, target: HealthTarget, authorize: Authorizer,
+                 clock: IReactorTime | None = None) -> None:
         self.target = target
         self.authorize = authorize
+        self.clock = clock
 
     def buildProtocol(self, addr: object) -> HealthProtocol:
         protocol = HealthProtocol(self.target, self.authorize)
         protocol.factory = self
+        if self.clock is not None:
+            protocol.callLater = self.clock.callLater  # TimeoutMixin's clock
         return protocol

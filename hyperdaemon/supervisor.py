@@ -290,6 +290,7 @@ class HyperdSupervisor(Service):
 
     def startService(self) -> None:
         super().startService()
+        self._log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._launch()
 
     def stopService(self) -> defer.Deferred[None]:

@@ -1,0 +1,317 @@
+"""
+Unit tests for L{hyperdaemon.discovery}: the state directory's preparation
+and the discovery file's writing, reading and removal, in temporary
+directories.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+import pytest
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
+
+from hyperdaemon.discovery import (
+    DISCOVERY_NAME,
+    CorruptDiscovery,
+    DaemonRecord,
+    StateDirError,
+    prepare_state_dir,
+    read_record,
+    remove_record,
+    remove_record_if_owned,
+    write_record,
+)
+
+RECORD = DaemonRecord(
+    pid=4242,
+    hyperd_endpoint="127.0.0.1:40001",
+    health_port=40000,
+    started_at="2024-01-02T03:04:05+00:00",
+    version="1.0.0",
+    hyperd_user="tableau_internal_user",
+    hyperd_password="s3cret",
+)
+
+VALID_JSON = {
+    "pid": 4242,
+    "hyperd_endpoint": "127.0.0.1:40001",
+    "health_port": 40000,
+    "started_at": "2024-01-02T03:04:05+00:00",
+    "version": "1.0.0",
+    "hyperd_user": "tableau_internal_user",
+    "hyperd_password": "s3cret",
+}
+
+
+def mode_of(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+class TempDirMixin:
+    def make_temp_dir(self) -> Path:
+        """A fresh directory, removed (whatever its modes) after the test."""
+        path = Path(tempfile.mkdtemp(prefix="hyperdaemon-test-"))
+
+        def remove() -> None:
+            for root, dirs, _ in os.walk(path):
+                for name in dirs:
+                    os.chmod(os.path.join(root, name), 0o700)
+            os.chmod(path, 0o700)
+            shutil.rmtree(path)
+
+        self.addCleanup(remove)
+        return path
+
+    def with_umask(self, mask: int) -> None:
+        self.addCleanup(os.umask, os.umask(mask))
+
+
+class PrepareStateDirTests(TempDirMixin, SynchronousTestCase):
+    def test_creates_missing_dir_and_logs_dir_with_mode_0700(self) -> None:
+        state = self.make_temp_dir() / "nested" / "state"
+        logs = prepare_state_dir(state)
+        self.assertEqual(logs, state / "logs")
+        self.assertTrue(state.is_dir())
+        self.assertTrue(logs.is_dir())
+        self.assertEqual(mode_of(state), 0o700)
+        self.assertEqual(mode_of(logs), 0o700)
+
+    def test_dirs_are_0700_whatever_the_umask(self) -> None:
+        base = self.make_temp_dir()
+        for mask in (0o000, 0o022, 0o277):
+            self.with_umask(mask)
+            state = base / f"state-{mask:o}"
+            logs = prepare_state_dir(state)
+            self.assertEqual((mode_of(state), mode_of(logs)), (0o700, 0o700), oct(mask))
+
+    def test_tightens_an_existing_0755_dir_and_logs_to_0700(self) -> None:
+        state = self.make_temp_dir() / "state"
+        (state / "logs").mkdir(parents=True)
+        os.chmod(state, 0o755)
+        os.chmod(state / "logs", 0o755)
+        prepare_state_dir(state)
+        self.assertEqual(mode_of(state), 0o700)
+        self.assertEqual(mode_of(state / "logs"), 0o700)
+
+    def test_keeps_existing_files(self) -> None:
+        state = self.make_temp_dir() / "state"
+        prepare_state_dir(state)
+        write_record(state, RECORD)
+        prepare_state_dir(state)
+        self.assertEqual(read_record(state), RECORD)
+
+    def test_leaves_no_probe_file_behind(self) -> None:
+        state = self.make_temp_dir() / "state"
+        prepare_state_dir(state)
+        self.assertEqual(sorted(os.listdir(state)), ["logs"])
+
+    def test_regular_file_raises_state_dir_error(self) -> None:
+        state = self.make_temp_dir() / "state"
+        state.write_bytes(b"not a directory")
+        with self.assertRaises(StateDirError) as caught:
+            prepare_state_dir(state)
+        message = str(caught.exception)
+        self.assertIn(str(state), message)
+        self.assertIn("--state-dir", message)
+        self.assertEqual(state.read_bytes(), b"not a directory")
+
+    def test_logs_path_that_is_a_regular_file_raises_state_dir_error(self) -> None:
+        state = self.make_temp_dir() / "state"
+        state.mkdir(mode=0o700)
+        (state / "logs").write_bytes(b"")
+        with self.assertRaises(StateDirError):
+            prepare_state_dir(state)
+
+    def test_dir_under_an_unwritable_parent_raises_state_dir_error(self) -> None:
+        if os.geteuid() == 0:
+            raise SkipTest("root may write anywhere")
+        parent = self.make_temp_dir() / "readonly"
+        parent.mkdir(mode=0o500)
+        state = parent / "state"
+        with self.assertRaises(StateDirError) as caught:
+            prepare_state_dir(state)
+        self.assertIn(str(state), str(caught.exception))
+        self.assertFalse(state.exists())
+
+
+class WriteRecordTests(TempDirMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.state = self.make_temp_dir() / "state"
+        prepare_state_dir(self.state)
+
+    def test_file_is_mode_0600(self) -> None:
+        self.with_umask(0o000)
+        write_record(self.state, RECORD)
+        self.assertEqual(mode_of(self.state / DISCOVERY_NAME), 0o600)
+
+    def test_file_holds_exactly_the_record_fields(self) -> None:
+        write_record(self.state, RECORD)
+        data = json.loads((self.state / DISCOVERY_NAME).read_text("utf-8"))
+        self.assertEqual(data, VALID_JSON)
+
+    def test_password_none_is_written_as_null(self) -> None:
+        record = DaemonRecord(4242, "127.0.0.1:1", 2, "2024-01-02T03:04:05Z", "1.0.0")
+        write_record(self.state, record)
+        data = json.loads((self.state / DISCOVERY_NAME).read_text("utf-8"))
+        self.assertIn("hyperd_password", data)
+        self.assertIsNone(data["hyperd_password"])
+
+    def test_read_record_round_trips(self) -> None:
+        write_record(self.state, RECORD)
+        self.assertEqual(read_record(self.state), RECORD)
+
+    def test_read_record_round_trips_without_credentials(self) -> None:
+        record = DaemonRecord(1, "127.0.0.1:1", 65535, "2024-01-02T03:04:05Z", "0.1")
+        write_record(self.state, record)
+        self.assertEqual(read_record(self.state), record)
+
+    def test_write_replaces_an_existing_record(self) -> None:
+        write_record(self.state, RECORD)
+        newer = DaemonRecord(999, "127.0.0.1:2", 40002, "2025-01-01T00:00:00Z", "1.0.1")
+        write_record(self.state, newer)
+        self.assertEqual(read_record(self.state), newer)
+
+    def test_write_leaves_no_temporary_files(self) -> None:
+        write_record(self.state, RECORD)
+        write_record(self.state, RECORD)
+        self.assertEqual(sorted(os.listdir(self.state)), [DISCOVERY_NAME, "logs"])
+
+    def test_failed_write_raises_and_leaves_no_temporary_file(self) -> None:
+        # The final rename cannot replace a directory.
+        (self.state / DISCOVERY_NAME).mkdir()
+        with self.assertRaises(OSError):
+            write_record(self.state, RECORD)
+        self.assertEqual(sorted(os.listdir(self.state)), [DISCOVERY_NAME, "logs"])
+
+
+class ReadRecordTests(TempDirMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.state = self.make_temp_dir() / "state"
+        prepare_state_dir(self.state)
+
+    def put(self, content: bytes | object) -> None:
+        if not isinstance(content, bytes):
+            content = json.dumps(content).encode("utf-8")
+        (self.state / DISCOVERY_NAME).write_bytes(content)
+
+    def test_missing_file_gives_none(self) -> None:
+        self.assertIsNone(read_record(self.state))
+
+    def test_missing_state_dir_gives_none(self) -> None:
+        self.assertIsNone(read_record(self.state / "absent"))
+
+    def test_garbage_bytes_raise_corrupt_discovery(self) -> None:
+        self.put(b"\x00\x01garbage{{{")
+        self.assertRaises(CorruptDiscovery, read_record, self.state)
+
+    def test_invalid_utf8_raises_corrupt_discovery(self) -> None:
+        self.put(b'{"pid": "\xff"}')
+        self.assertRaises(CorruptDiscovery, read_record, self.state)
+
+    def test_empty_file_raises_corrupt_discovery(self) -> None:
+        self.put(b"")
+        self.assertRaises(CorruptDiscovery, read_record, self.state)
+
+    def test_truncated_json_raises_corrupt_discovery(self) -> None:
+        self.put(json.dumps(VALID_JSON).encode("utf-8")[:-10])
+        self.assertRaises(CorruptDiscovery, read_record, self.state)
+
+    def test_json_list_raises_corrupt_discovery(self) -> None:
+        self.put([VALID_JSON])
+        self.assertRaises(CorruptDiscovery, read_record, self.state)
+
+    def test_json_scalar_raises_corrupt_discovery(self) -> None:
+        self.put(42)
+        self.assertRaises(CorruptDiscovery, read_record, self.state)
+
+    def test_each_missing_required_field_raises_corrupt_discovery(self) -> None:
+        for field in ("pid", "hyperd_endpoint", "health_port", "started_at", "version"):
+            data = dict(VALID_JSON)
+            del data[field]
+            self.put(data)
+            with self.assertRaises(CorruptDiscovery, msg=field) as caught:
+                read_record(self.state)
+            self.assertIn(field, str(caught.exception))
+
+    def test_optional_credentials_may_be_absent(self) -> None:
+        data = dict(VALID_JSON)
+        del data["hyperd_user"], data["hyperd_password"]
+        self.put(data)
+        record = read_record(self.state)
+        self.assertIsNotNone(record)
+        self.assertIsNone(record.hyperd_user)
+        self.assertIsNone(record.hyperd_password)
+
+    def test_extra_fields_are_tolerated(self) -> None:
+        self.put({**VALID_JSON, "future_field": [1, 2]})
+        self.assertEqual(read_record(self.state), RECORD)
+
+    def test_wrong_types_raise_corrupt_discovery(self) -> None:
+        cases = [
+            ("pid", "4242"),
+            ("pid", 4242.0),
+            ("pid", 0),
+            ("pid", -1),
+            ("pid", None),
+            ("health_port", "40000"),
+            ("health_port", 0),
+            ("health_port", 70000),
+            ("hyperd_endpoint", 40001),
+            ("hyperd_endpoint", None),
+            ("started_at", 1700000000),
+            ("version", 1),
+            ("hyperd_user", 7),
+            ("hyperd_password", ["s3cret"]),
+        ]
+        for field, value in cases:
+            self.put({**VALID_JSON, field: value})
+            with self.assertRaises(CorruptDiscovery, msg=f"{field}={value!r}"):
+                read_record(self.state)
+
+    def test_boolean_pid_or_port_raises_corrupt_discovery(self) -> None:
+        for field in ("pid", "health_port"):
+            self.put({**VALID_JSON, field: True})
+            with self.assertRaises(CorruptDiscovery, msg=field):
+                read_record(self.state)
+
+
+class RemoveRecordTests(TempDirMixin, SynchronousTestCase):
+    def setUp(self) -> None:
+        self.state = self.make_temp_dir() / "state"
+        prepare_state_dir(self.state)
+        self.path = self.state / DISCOVERY_NAME
+
+    def test_removes_own_record(self) -> None:
+        write_record(self.state, RECORD)
+        self.assertTrue(remove_record_if_owned(self.state, RECORD.pid, RECORD.health_port))
+        self.assertFalse(self.path.exists())
+
+    def test_leaves_record_of_another_pid(self) -> None:
+        write_record(self.state, RECORD)
+        self.assertFalse(remove_record_if_owned(self.state, RECORD.pid + 1, RECORD.health_port))
+        self.assertEqual(read_record(self.state), RECORD)
+
+    def test_leaves_record_of_another_port(self) -> None:
+        write_record(self.state, RECORD)
+        self.assertFalse(remove_record_if_owned(self.state, RECORD.pid, RECORD.health_port + 1))
+        self.assertEqual(read_record(self.state), RECORD)
+
+    def test_missing_record_is_not_an_error(self) -> None:
+        self.assertFalse(remove_record_if_owned(self.state, RECORD.pid, RECORD.health_port))
+
+    def test_leaves_a_corrupt_file_alone(self) -> None:
+        self.path.write_bytes(b"garbage")
+        self.assertFalse(remove_record_if_owned(self.state, RECORD.pid, RECORD.health_port))
+        self.assertEqual(self.path.read_bytes(), b"garbage")
+
+    def test_remove_record_removes_any_file_and_tolerates_none(self) -> None:
+        self.path.write_bytes(b"garbage")
+        remove_record(self.state)
+        self.assertFalse(self.path.exists())
+        remove_record(self.state)
