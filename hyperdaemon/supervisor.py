@@ -477,7 +477,12 @@ class HyperdSupervisor(Service):
         return self._checking
 
     def _scheduled_probe(self) -> None:
-        self.check_now()
+        try:
+            self.check_now().addErrback(
+                lambda f: _log.failure("hyperd probe failed unexpectedly", f)
+            )
+        except Exception:
+            _log.failure("hyperd probe failed unexpectedly")
 
     def _check(self, generation: int) -> defer.Deferred[None]:
         probe = self._probe

@@ -57,6 +57,14 @@ def port_is_free(port: int) -> bool:
     return False
 
 
+def port_is_open(port: int) -> bool:
+    """Whether a daemon answers C{PING} on C{port}."""
+    try:
+        return ask(port, "PING", timeout=2)[0].startswith("PONG ")
+    except (OSError, IndexError):
+        return False
+
+
 def ask(port: int, *commands: str, timeout: float = 10.0) -> list[str]:
     """Send C{commands} on one connection; their reply lines."""
     with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:

@@ -18,6 +18,10 @@ from twisted.trial.unittest import SynchronousTestCase
 from hyperdaemon import __version__
 from support import (
     QUICK,
+    READY_TIMEOUT,
+    children_of,
+    free_port,
+    port_is_open,
     DaemonProcess,
     ask,
     hyperd_query,
@@ -26,6 +30,12 @@ from support import (
     status,
     wait_for,
 )
+
+
+def daemon_port(port: int) -> int:
+    """C{port}, once something answers a PING there."""
+    wait_for(lambda: port_is_open(port), READY_TIMEOUT, f"port {port} to answer")
+    return port
 
 
 class DaemonTestCase(SynchronousTestCase):
@@ -179,6 +189,44 @@ class LifecycleTests(DaemonTestCase):
         self.assertNotIn("Traceback", out)
         self.assertEqual(status(first.port)["pid"], first.pid)
 
+    def test_ping_and_status_answer_while_hyperd_starts(self) -> None:
+        from hyperdaemon.config import hyperd_executable
+
+        gate = self.tmp / "gate"
+        wrapper = self.tmp / "hyperd"
+        # The real hyperd, started only once the test opens the gate.
+        wrapper.write_text(
+            "#!/bin/sh\n"
+            f"while [ ! -e '{gate}' ]; do sleep 0.02; done\n"
+            f"exec '{hyperd_executable(os.environ)}' \"$@\"\n"
+        )
+        wrapper.chmod(0o755)
+        daemon = self.start_daemon("--idle-timeout", "0", env={"HYPERD_PATH": str(wrapper)})
+        wait_for(lambda: port_is_open(daemon.port), QUICK, "the health port")
+        self.assertEqual(ask(daemon.port, "PING"), [f"PONG hyperdb-mcp {__version__}"])
+        facts = status(daemon.port)
+        self.assertEqual(facts["state"], "starting")
+        self.assertIsNone(facts["hyperd_endpoint"])
+        self.assertFalse(daemon.record_path.exists())
+        gate.touch()
+        facts = daemon.wait_ready()
+        self.assertEqual(hyperd_query(daemon.record()), 2)
+
+    def test_concurrent_starts_leave_exactly_one_daemon(self) -> None:
+        port = free_port()
+        daemons = [self.start_daemon("--idle-timeout", "0", port=port) for _ in range(5)]
+        winner = wait_for(
+            lambda: (lambda f: f if f["state"] == "ready" else None)(status(daemon_port(port))),
+            READY_TIMEOUT, "one daemon to be ready",
+        )
+        losers = [d for d in daemons if d.pid != winner["pid"]]
+        self.assertEqual(len(losers), 4)
+        for loser in losers:
+            self.assertNotEqual(loser.wait_exit(), 0)
+            self.assertEqual(children_of(loser.pid), [])
+        hyperds = [p for d in daemons for p in children_of(d.pid)]
+        self.assertEqual(hyperds, [winner["hyperd_pid"]])
+
     def test_killed_hyperd_is_replaced_and_queryable(self) -> None:
         daemon = self.start_daemon("--idle-timeout", "0")
         old = daemon.wait_ready()
@@ -193,6 +241,29 @@ class LifecycleTests(DaemonTestCase):
         wait_for(lambda: daemon.record()["hyperd_endpoint"] == new["hyperd_endpoint"],
                  QUICK, "daemon.json to name the new hyperd")
         self.assertEqual(hyperd_query(daemon.record()), 2)
+
+    def test_restart_limit_shuts_the_daemon_down(self) -> None:
+        daemon = self.start_daemon("--idle-timeout", "0")
+        facts = daemon.wait_ready()
+        killed = []
+        # Three replacements are allowed within 60 s; the fourth death ends it.
+        for n in range(4):
+            os.kill(facts["hyperd_pid"], signal.SIGKILL)
+            killed.append(facts["hyperd_pid"])
+            if n == 3:
+                break
+            facts = wait_for(
+                lambda: (lambda f: f if f["state"] == "ready" and f["hyperd_pid"] not in killed
+                         else None)(status(daemon.port)),
+                QUICK, f"replacement number {n + 1}",
+            )
+            self.assertEqual(facts["restarts"], n + 1)
+        self.assertEqual(daemon.wait_exit(), 1)
+        self.assertIn("giving up after 3 replacements within 60 s", daemon.output())
+        log = (daemon.state_dir / "logs" / "daemon.log").read_text()
+        self.assertIn("giving up after 3 replacements within 60 s", log)
+        self.assertTrue(port_is_free(daemon.port))
+        self.assertFalse(daemon.record_path.exists())
 
     def test_killed_daemon_takes_hyperd_with_it(self) -> None:
         daemon = self.start_daemon("--idle-timeout", "0")
@@ -261,6 +332,34 @@ class LifecycleTests(DaemonTestCase):
         self.assertEqual(daemon.wait_exit(), 0)
         self.assertEqual(json.loads(daemon.record_path.read_text()), successor)
         wait_for(lambda: not pid_alive(facts["hyperd_pid"]), QUICK, "hyperd to exit")
+
+
+class PortLockTests(SynchronousTestCase):
+    """The health port is the single-instance lock, taken before anything starts."""
+
+    @pytest.fixture(autouse=True)
+    def _tmp(self, tmp_path):
+        self.tmp = tmp_path
+
+    def test_busy_port_fails_privileged_start_loudly(self) -> None:
+        from twisted.internet import reactor
+
+        from hyperdaemon.config import hyperd_executable
+        from hyperdaemon.daemon import DaemonService, DaemonSettings, StartupError
+
+        with socket.socket() as holder:
+            holder.bind(("127.0.0.1", 0))
+            holder.listen()
+            port = holder.getsockname()[1]
+            settings = DaemonSettings(port=port, state_dir=self.tmp, logs_dir=self.tmp / "logs",
+                                      idle_timeout=0, hyperd=hyperd_executable(os.environ))
+            service = DaemonService(reactor, settings, on_shutdown=lambda: None)
+            with self.assertRaises(StartupError) as caught:
+                service.privilegedStartService()
+        self.assertIn(f"127.0.0.1:{port}", str(caught.exception))
+        self.assertIn("hyperdb-mcp daemon status", str(caught.exception))
+        self.assertEqual(service.supervisor.state, "stopped")
+        self.assertFalse((self.tmp / "daemon.json").exists())
 
 
 NOBODY = 65534

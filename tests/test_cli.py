@@ -1,0 +1,234 @@
+"""
+The C{hyperdb-mcp} command line, run as a user runs it: a subprocess with
+its own state directory and ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from twisted.trial.unittest import SynchronousTestCase
+
+from hyperdaemon import __version__
+from hyperdaemon.cli import describe
+from support import (
+    QUICK,
+    DaemonProcess,
+    free_port,
+    pid_alive,
+    port_is_free,
+    status,
+)
+
+NO_DAEMON = "No daemon is currently running."
+
+
+class CliTestCase(SynchronousTestCase):
+    @pytest.fixture(autouse=True)
+    def _tmp(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.state = tmp_path / "state"
+        # Status and stop scan this range when no port is pinned.
+        first = free_port()
+        self.range = f"{first}-{first}"
+        self.env = dict(os.environ, HYPERDB_STATE_DIR=str(self.state),
+                        HYPERDB_DAEMON_PORT_RANGE=self.range)
+
+    def cli(self, *args: str, env: dict[str, str] | None = None,
+            timeout: float = 90) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "hyperdaemon", *args],
+            env=env or self.env, capture_output=True, text=True, timeout=timeout,
+            stdin=subprocess.DEVNULL,
+        )
+
+    def start_daemon(self, port: int | None = None) -> DaemonProcess:
+        daemon = DaemonProcess(self.state, port, "--idle-timeout", "0", env=self.env).start()
+        self.addCleanup(daemon.kill)
+        daemon.wait_ready()
+        return daemon
+
+    def assert_one_line_error(self, result: subprocess.CompletedProcess[str], *needles: str) -> None:
+        self.assertNotEqual(result.returncode, 0)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertEqual(len(result.stderr.strip().splitlines()), 1, result.stderr)
+        for needle in needles:
+            self.assertIn(needle, result.stderr)
+
+
+class StatusTests(CliTestCase):
+    def test_status_without_a_daemon_fails(self) -> None:
+        result = self.cli("daemon", "status")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.strip(), NO_DAEMON)
+        self.assertEqual(result.stdout, "")
+
+    def test_status_describes_the_daemon(self) -> None:
+        daemon = self.start_daemon()
+        result = self.cli("daemon", "status", "--port", str(daemon.port))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(f"hyperdb-mcp daemon {__version__} is running", result.stdout)
+        self.assertIn(f"pid        {daemon.pid}", result.stdout)
+        self.assertIn(f"127.0.0.1:{daemon.port}", result.stdout)
+        self.assertIn("sessions   0", result.stdout)
+
+    def test_status_json_is_the_status_object(self) -> None:
+        daemon = self.start_daemon()
+        result = self.cli("daemon", "status", "--json", "--port", str(daemon.port))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        facts = json.loads(result.stdout)
+        self.assertEqual(facts["pid"], daemon.pid)
+        self.assertEqual(facts["hyperd_endpoint"], daemon.record()["hyperd_endpoint"])
+
+    def test_status_finds_the_daemon_through_daemon_json(self) -> None:
+        daemon = self.start_daemon()  # a port outside the scanned range
+        result = self.cli("daemon", "status", "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["pid"], daemon.pid)
+
+    def test_status_finds_the_daemon_by_scanning(self) -> None:
+        port = int(self.range.split("-")[0])
+        daemon = self.start_daemon(port)
+        daemon.record_path.unlink()
+        result = self.cli("daemon", "status", "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["pid"], daemon.pid)
+
+    def test_corrupt_discovery_file_is_removed(self) -> None:
+        self.state.mkdir(mode=0o700)
+        (self.state / "daemon.json").write_text("{not json")
+        result = self.cli("daemon", "status")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.strip(), NO_DAEMON)
+        self.assertFalse((self.state / "daemon.json").exists())
+
+    def test_stale_discovery_file_is_removed(self) -> None:
+        self.state.mkdir(mode=0o700)
+        (self.state / "daemon.json").write_text(json.dumps({
+            "pid": 999999, "hyperd_endpoint": "127.0.0.1:1", "health_port": free_port(),
+            "started_at": "2026-01-01T00:00:00+00:00", "version": "0.0.1",
+        }))
+        result = self.cli("daemon", "status")
+        self.assertEqual(result.returncode, 1)
+        self.assertFalse((self.state / "daemon.json").exists())
+
+    def test_a_foreign_listener_is_not_a_daemon(self) -> None:
+        import socket
+
+        port = int(self.range.split("-")[0])
+        with socket.socket() as listener:
+            listener.bind(("127.0.0.1", port))
+            listener.listen()
+            result = self.cli("daemon", "status")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.strip(), NO_DAEMON)
+
+
+class StopTests(CliTestCase):
+    def test_stop_without_a_daemon_fails(self) -> None:
+        result = self.cli("daemon", "stop")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.strip(), NO_DAEMON)
+
+    def test_stop_returns_once_the_daemon_is_gone(self) -> None:
+        daemon = self.start_daemon()
+        hyperd = status(daemon.port)["hyperd_pid"]
+        result = self.cli("daemon", "stop", "--port", str(daemon.port))
+        self.assertEqual(result.returncode, 0, result.stderr)
+        # No waiting: all of this holds when stop returns.
+        self.assertTrue(port_is_free(daemon.port))
+        self.assertFalse(pid_alive(daemon.pid))
+        self.assertFalse(daemon.record_path.exists())
+        self.assertEqual(daemon.wait_exit(), 0)
+        self.assertFalse(pid_alive(hyperd))
+
+    def test_stop_finds_the_daemon_without_a_port(self) -> None:
+        daemon = self.start_daemon()
+        result = self.cli("daemon", "stop")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertFalse(pid_alive(daemon.pid))
+
+
+class RunTests(CliTestCase):
+    """`hyperdb-mcp daemon` refuses what it cannot use, in one line, leaving nothing."""
+
+    def test_bad_port(self) -> None:
+        result = self.cli("daemon", "--port", "abc")
+        self.assert_one_line_error(result, "--port", "'abc'")
+
+    def test_bad_port_variable(self) -> None:
+        result = self.cli("daemon", env=dict(self.env, HYPERDB_DAEMON_PORT="70000"))
+        self.assert_one_line_error(result, "HYPERDB_DAEMON_PORT", "70000")
+
+    def test_bad_idle_timeout(self) -> None:
+        result = self.cli("daemon", "--port", str(free_port()), "--idle-timeout", "-5")
+        self.assert_one_line_error(result, "--idle-timeout", "-5")
+
+    def test_unknown_flag(self) -> None:
+        result = self.cli("daemon", "--frobnicate")
+        self.assert_one_line_error(result, "--frobnicate")
+        self.assertEqual(result.returncode, 2)
+
+    def test_state_dir_that_is_a_file(self) -> None:
+        blocker = self.tmp / "file"
+        blocker.write_text("")
+        result = self.cli("daemon", "--port", str(free_port()), "--state-dir", str(blocker))
+        self.assert_one_line_error(result, str(blocker), "--state-dir")
+
+    @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+    def test_unwritable_state_dir(self) -> None:
+        locked = self.tmp / "locked"
+        locked.mkdir(mode=0o500)
+        result = self.cli("daemon", "--port", str(free_port()), "--state-dir", str(locked / "s"))
+        self.assert_one_line_error(result, str(locked / "s"))
+
+    def test_missing_hyperd(self) -> None:
+        missing = self.tmp / "nowhere" / "hyperd"
+        result = self.cli("daemon", "--port", str(free_port()),
+                          env=dict(self.env, HYPERD_PATH=str(missing)))
+        self.assert_one_line_error(result, str(missing), "HYPERD_PATH")
+
+    def test_broken_hyperd_stops_the_daemon_with_a_clear_reason(self) -> None:
+        broken = self.tmp / "hyperd"
+        broken.write_text("#!/bin/sh\nexit 7\n")
+        broken.chmod(0o755)
+        port = free_port()
+        result = self.cli("daemon", "--port", str(port), env=dict(self.env, HYPERD_PATH=str(broken)))
+        self.assertEqual(result.returncode, 1)
+        self.assertIn("hyperd exited with code 7 before it was ready", result.stderr)
+        self.assertNotIn("Traceback", result.stderr)
+        self.assertTrue(port_is_free(port))
+        self.assertFalse((self.state / "daemon.json").exists())
+
+    def test_mcp_server_is_not_yet_available(self) -> None:
+        result = self.cli()
+        self.assertEqual(result.returncode, 2)
+        self.assertIn("hyperdb-mcp daemon", result.stderr)
+
+
+class DescribeTests(SynchronousTestCase):
+    """The person-readable status copes with an upstream daemon's STATUS."""
+
+    def test_upstream_status_fields_only(self) -> None:
+        text = describe({
+            "pid": 2278, "hyperd_endpoint": "127.0.0.1:43209", "health_port": 7485,
+            "started_at": "2026-11-28T10:48:14.996123965+00:00", "version": "0.7.3",
+        })
+        self.assertIn("hyperdb-mcp daemon 0.7.3 is running", text)
+        self.assertIn("pid        2278", text)
+        self.assertIn("hyperd     127.0.0.1:43209", text)
+
+    def test_sessions_are_listed(self) -> None:
+        text = describe({
+            "pid": 1, "health_port": 2, "version": "1", "uptime_s": 5.0,
+            "sessions": [{"id": "s1", "pid": 42, "name": "cursor", "ephemeral_db": "/x/e.hyper",
+                          "attached_at": 0}],
+        })
+        self.assertIn("sessions   1", text)
+        self.assertIn("s1: pid 42 cursor", text)
+        self.assertIn("/x/e.hyper", text)
