@@ -22,6 +22,7 @@ from . import __version__, config
 from .healthclient import (
     DaemonError,
     HealthConnection,
+    PortState,
     locate,
     status as fetch_status,
     wait_pid_gone,
@@ -121,6 +122,11 @@ def _locate(options: dict[str, Any]) -> tuple[int | None, int]:
     except config.ConfigError as e:
         return None, _fail(str(e), 2)
     found = locate(state, choice)
+    if found is not None and found.state is PortState.OTHER_USER:
+        return None, _fail(
+            f"the daemon on port {found.port} belongs to another user and answers only PING; "
+            f"run your own on another port."
+        )
     return (found.port if found else None), 0
 
 
@@ -224,11 +230,12 @@ def daemon_stop(options: dict[str, Any]) -> int:
             reply = conn.ask("STOP")
             if reply != "STOPPING":
                 return _fail(f"the daemon on port {port} refused to stop: {reply}")
+            deadline = time.monotonic() + STOP_TIMEOUT
+            # Our daemon closes the connection as it exits.
             conn.wait_closed(STOP_TIMEOUT)
     except (OSError, DaemonError) as e:
         return _fail(f"could not ask the daemon on port {port} to stop: {e}")
-    deadline = time.monotonic() + STOP_TIMEOUT
-    if not wait_port_free(port, STOP_TIMEOUT):
+    if not wait_port_free(port, max(deadline - time.monotonic(), 0.1)):
         return _fail(f"the daemon on port {port} is still listening after {STOP_TIMEOUT:g} s")
     if isinstance(pid, int) and not wait_pid_gone(pid, max(deadline - time.monotonic(), 0.1)):
         return _fail(f"the daemon (pid {pid}) has not exited after {STOP_TIMEOUT:g} s")

@@ -28,7 +28,7 @@ from twisted.logger import Logger, globalLogPublisher
 
 from . import __version__, peeruid
 from .config import HYPERD_USER
-from .discovery import DaemonRecord, remove_record_if_owned, write_record
+from .discovery import HYPERD_LOGS_NAME, DaemonRecord, remove_record_if_owned, write_record
 from .idle import IdleTimer
 from .logs import open_daemon_log
 from .protocol import Authorizer, HealthFactory
@@ -86,7 +86,7 @@ class DaemonService(MultiService):
         self.supervisor = HyperdSupervisor(
             reactor,
             settings.hyperd,
-            settings.logs_dir / "hyperd",
+            settings.logs_dir / HYPERD_LOGS_NAME,
             settings.compat,
             on_ready=self._hyperd_ready,
             on_give_up=self._hyperd_gave_up,

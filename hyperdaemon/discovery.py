@@ -21,6 +21,8 @@ import attrs
 
 DISCOVERY_NAME = "daemon.json"
 LOGS_NAME = "logs"
+#: hyperd's own logs, inside the logs folder.
+HYPERD_LOGS_NAME = "hyperd"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
@@ -111,8 +113,9 @@ def _secure_dir(path: Path) -> None:
 
 def prepare_state_dir(path: Path) -> Path:
     """
-    Make C{path} and its C{logs} folder exist as 0700 directories of this
-    user (tightening looser modes), and prove C{path} writable.
+    Make C{path}, its C{logs} folder and C{logs/hyperd} exist as 0700
+    directories of this user (tightening looser modes), and prove C{path}
+    writable.
 
     @return: the C{logs} folder.
     @raise StateDirError: if that cannot be done.
@@ -120,6 +123,7 @@ def prepare_state_dir(path: Path) -> Path:
     _secure_dir(path)
     logs = path / LOGS_NAME
     _secure_dir(logs)
+    _secure_dir(logs / HYPERD_LOGS_NAME)
     try:
         with tempfile.TemporaryFile(dir=path):
             pass

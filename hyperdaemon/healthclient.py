@@ -32,8 +32,13 @@ MAX_REPLY = 16 * 1024 * 1024
 
 
 class PortState(enum.Enum):
+    #: Nothing listens there.
     FREE = "free"
+    #: A daemon that serves this user (or one that cannot tell users apart).
     DAEMON = "daemon"
+    #: A daemon that refuses this user: another user's.
+    OTHER_USER = "other-user"
+    #: Anything else.
     FOREIGN = "foreign"
 
 
@@ -112,15 +117,21 @@ class HealthConnection:
 
 
 def probe_port(port: int, timeout: float = IDENTIFY_TIMEOUT) -> PortProbe:
-    """Tell whether C{port} is free, a daemon (and its version), or foreign."""
+    """
+    Tell whether C{port} is free, foreign, another user's daemon, or a
+    daemon of ours (and its version).  A daemon is asked for C{STATUS} too:
+    another user's answers C{ERR forbidden}.
+    """
     try:
         with HealthConnection(port, timeout) as conn:
             version = parse_pong(conn.ask("PING"))
+            if version is None:
+                return PortProbe(port, PortState.FOREIGN)
+            if conn.ask("STATUS") == "ERR forbidden":
+                return PortProbe(port, PortState.OTHER_USER, version)
     except ConnectionRefusedError:
         return PortProbe(port, PortState.FREE)
     except (OSError, DaemonError):
-        return PortProbe(port, PortState.FOREIGN)
-    if version is None:
         return PortProbe(port, PortState.FOREIGN)
     return PortProbe(port, PortState.DAEMON, version)
 
@@ -147,13 +158,14 @@ def status(port: int, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
 
 def locate(state_dir: Path, choice: PortChoice) -> PortProbe | None:
     """
-    Find the running daemon: the pinned port only, if one is pinned; else
-    the port named by C{daemon.json} (removing the file if it is corrupt or
-    names no daemon), then a scan of the port range.
+    Find the running daemon: the pinned port only, if one is pinned (which
+    may be another user's daemon: the caller says so); else the port named
+    by C{daemon.json} (removing the file if it is corrupt or names no daemon
+    of ours), then a scan of the port range, skipping other users' daemons.
     """
     if choice.pinned is not None:
         found = probe_port(choice.pinned)
-        return found if found.state is PortState.DAEMON else None
+        return found if found.state in (PortState.DAEMON, PortState.OTHER_USER) else None
     try:
         record = read_record(state_dir)
     except CorruptDiscovery:

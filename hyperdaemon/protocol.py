@@ -148,10 +148,15 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
             self.sendLine(b"ERR invalid utf-8")
             return
         command, _, argument = text.strip().partition(" ")
-        if command != "PING" and not self._is_allowed():
+        if command == "PING":
+            # Anyone may identify the daemon; only its user keeps it awake.
+            if self._is_allowed():
+                self._target.touch()
+        elif not self._is_allowed():
             self.sendLine(b"ERR forbidden")
             return
-        self._target.touch()
+        else:
+            self._target.touch()
         handler = self._commands.get(command)
         if handler is None:
             self.sendLine(b"ERR unknown command")
@@ -162,8 +167,8 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         if self._allowed is None:
             self._allowed = self._authorize(self.transport)
             if not self._allowed:
-                self._log.warn(
-                    "refused a connection from another user ({peer})",
+                self._log.info(
+                    "a connection from another user ({peer}) may only PING",
                     peer=str(self.transport.getPeer()),
                 )
         return self._allowed

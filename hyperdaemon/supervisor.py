@@ -151,11 +151,13 @@ class _HyperdProcess(ProcessProtocol):
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.exit_reason: str | None = None
         self.callback: _CallbackProtocol | None = None
+        #: Kept after exit, when the transport forgets it.
+        self.pid: int | None = None
         self._partial = b""
 
-    @property
-    def pid(self) -> int | None:
-        return self.transport.pid if self.transport is not None else None
+    def makeConnection(self, transport: Any) -> None:
+        self.pid = transport.pid
+        super().makeConnection(transport)
 
     def outReceived(self, data: bytes) -> None:
         *lines, self._partial = (self._partial + data).split(b"\n")

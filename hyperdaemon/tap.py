@@ -55,21 +55,25 @@ class Options(usage.Options):
 def choose_port(choice: config.PortChoice) -> int:
     """
     The health port to bind: the pinned one, or the first free one of the
-    range, skipping ports held by other programs.
+    range, skipping ports held by other programs and other users' daemons.
+    The whole range is checked first: one daemon per user, wherever it runs.
 
-    @raise StartupError: if a daemon already answers there (one per user),
-        the pinned port is taken, or the range is full.
+    @raise StartupError: if a daemon of this user already answers in the
+        range (or on the pinned port), the pinned port is taken, or the
+        range is full.
     """
-    for port in choice.candidates():
-        found = probe_port(port)
+    probes = [probe_port(port) for port in choice.candidates()]
+    for found in probes:
         if found.state is PortState.DAEMON:
+            port = found.port
             raise StartupError(
                 f"A hyperdb-mcp daemon (version {found.version}) is already running on "
                 f"port {port}: use it, see 'hyperdb-mcp daemon status --port {port}', "
                 f"or stop it with 'hyperdb-mcp daemon stop --port {port}'."
             )
+    for found in probes:
         if found.state is PortState.FREE:
-            return port
+            return found.port
     if choice.pinned is not None:
         raise StartupError(
             f"Port {choice.pinned} is in use by another program: choose another "
@@ -111,8 +115,11 @@ def build_service(options: Mapping[str, Any], reactor: Any) -> DaemonService:
     settings = resolve_settings(options, os.environ)
 
     def stop_reactor() -> None:
+        # hyperd can fail before the reactor runs (twistd starts services first).
         if reactor.running:
             reactor.stop()
+        else:
+            reactor.callWhenRunning(reactor.stop)
 
     return DaemonService(reactor, settings, on_shutdown=stop_reactor, install_signal_handlers=True)
 

@@ -205,6 +205,25 @@ class RunTests(CliTestCase):
         self.assertTrue(port_is_free(port))
         self.assertFalse((self.state / "daemon.json").exists())
 
+    def test_hyperd_that_is_not_a_program(self) -> None:
+        junk = self.tmp / "hyperd"
+        junk.write_bytes(b"\x00\x01 not an executable")
+        junk.chmod(0o755)
+        port = free_port()
+        result = self.cli("daemon", "--port", str(port), env=dict(self.env, HYPERD_PATH=str(junk)),
+                          timeout=QUICK)
+        self.assertEqual(result.returncode, 1)
+        self.assertIn(f"cannot run {junk}", result.stderr)
+        self.assertTrue(port_is_free(port))
+
+    def test_refuses_to_start_while_its_users_daemon_runs_elsewhere_in_the_range(self) -> None:
+        running = self.start_daemon()
+        # Whatever holds the ports below it, the scan must find the daemon.
+        span = f"{running.port - 3}-{running.port}"
+        result = self.cli("daemon", env=dict(self.env, HYPERDB_DAEMON_PORT_RANGE=span),
+                          timeout=QUICK)
+        self.assert_one_line_error(result, f"already running on port {running.port}")
+
     def test_mcp_server_is_not_yet_available(self) -> None:
         result = self.cli()
         self.assertEqual(result.returncode, 2)

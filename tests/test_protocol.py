@@ -301,10 +301,20 @@ class AuthorizationTests(HealthProtocolTestsMixin, SynchronousTestCase):
         self.exchange(proto, transport, b"STOP\nNOPE\n")
         self.assertEqual(len(self.authorize.consulted), 1)
 
-    def test_ping_does_not_consult_authorize(self) -> None:
+    def test_pings_consult_authorize_once(self) -> None:
         proto, transport = self.connect()
         self.exchange(proto, transport, b"PING\nPING\n")
-        self.assertEqual(self.authorize.consulted, [])
+        self.assertEqual(self.authorize.consulted, [transport])
+
+    def test_refused_peers_ping_does_not_keep_the_daemon_awake(self) -> None:
+        proto, transport = self.connect(allowed=False)
+        self.exchange(proto, transport, b"PING\nPING\n")
+        self.assertEqual(self.target.calls, [])
+
+    def test_allowed_peers_ping_counts_as_activity(self) -> None:
+        proto, transport = self.connect(allowed=True)
+        self.exchange(proto, transport, b"PING\n")
+        self.assertEqual(self.target.calls, ["touch"])
 
     def test_each_connection_is_authorized_on_its_own(self) -> None:
         proto1, transport1 = self.connect()

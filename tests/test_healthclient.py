@@ -1,0 +1,146 @@
+"""
+The blocking health client against small real servers on loopback: what a
+port is (free, foreign, another user's daemon, ours) and PONG parsing.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+import pytest
+from twisted.trial.unittest import SynchronousTestCase
+
+from hyperdaemon import healthclient
+from hyperdaemon.healthclient import PortState, parse_pong, probe_port
+from support import free_port
+
+
+class ParsePongTests(SynchronousTestCase):
+    def test_identified_pong(self) -> None:
+        self.assertEqual(parse_pong("PONG hyperdb-mcp 0.7.3"), "0.7.3")
+
+    def test_anything_else_is_not_a_daemon(self) -> None:
+        for line in ("PONG", "PONG hyperdb-mcp", "PONG other 1.0", "pong hyperdb-mcp 1",
+                     "PONG hyperdb-mcp 1 extra", "PONG  hyperdb-mcp 1", "+PONG", ""):
+            self.assertIsNone(parse_pong(line), line)
+
+
+class FakePeer:
+    """A one-connection-at-a-time server answering each line with C{reply(line)}."""
+
+    def __init__(self, reply: Callable[[bytes], bytes | None]) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.port = self.sock.getsockname()[1]
+        self._reply = reply
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            with conn:
+                f = conn.makefile("rwb")
+                for line in f:
+                    answer = self._reply(line.strip())
+                    if answer is None:
+                        break
+                    f.write(answer)
+                    f.flush()
+
+    def close(self) -> None:
+        self.sock.close()
+        self._thread.join(5)
+
+
+class ProbePortTests(SynchronousTestCase):
+    def peer(self, reply: Callable[[bytes], bytes | None]) -> FakePeer:
+        peer = FakePeer(reply)
+        self.addCleanup(peer.close)
+        return peer
+
+    def test_nothing_listening_is_free(self) -> None:
+        self.assertEqual(probe_port(free_port()).state, PortState.FREE)
+
+    def test_a_daemon_of_ours(self) -> None:
+        peer = self.peer(lambda line: b"PONG hyperdb-mcp 2.0\n" if line == b"PING" else b"{}\n")
+        found = probe_port(peer.port)
+        self.assertEqual((found.state, found.version), (PortState.DAEMON, "2.0"))
+
+    def test_another_users_daemon(self) -> None:
+        peer = self.peer(
+            lambda line: b"PONG hyperdb-mcp 2.0\n" if line == b"PING" else b"ERR forbidden\n"
+        )
+        self.assertEqual(probe_port(peer.port).state, PortState.OTHER_USER)
+
+    def test_a_program_that_answers_something_else(self) -> None:
+        peer = self.peer(lambda line: b"+OK redis\n")
+        self.assertEqual(probe_port(peer.port).state, PortState.FOREIGN)
+
+    def test_a_program_that_closes_at_once(self) -> None:
+        peer = self.peer(lambda line: None)
+        self.assertEqual(probe_port(peer.port).state, PortState.FOREIGN)
+
+    def test_a_program_that_never_answers_is_foreign_within_the_timeout(self) -> None:
+        with socket.socket() as silent:
+            silent.bind(("127.0.0.1", 0))
+            silent.listen()
+            started = time.monotonic()
+            found = probe_port(silent.getsockname()[1], timeout=0.3)
+            self.assertEqual(found.state, PortState.FOREIGN)
+            self.assertLess(time.monotonic() - started, 5)
+
+
+class LocateTests(SynchronousTestCase):
+    @pytest.fixture(autouse=True)
+    def _tmp(self, tmp_path: Path) -> None:
+        self.state = tmp_path / "state"
+
+    def test_a_pinned_port_may_be_another_users_daemon(self) -> None:
+        from hyperdaemon.config import PortChoice
+
+        peer = FakePeer(
+            lambda line: b"PONG hyperdb-mcp 2.0\n" if line == b"PING" else b"ERR forbidden\n"
+        )
+        self.addCleanup(peer.close)
+        found = healthclient.locate(self.state, PortChoice(peer.port, 1, 1))
+        self.assertEqual(found.state, PortState.OTHER_USER)
+
+    def test_a_scan_skips_another_users_daemon(self) -> None:
+        from hyperdaemon.config import PortChoice
+
+        peer = FakePeer(
+            lambda line: b"PONG hyperdb-mcp 2.0\n" if line == b"PING" else b"ERR forbidden\n"
+        )
+        self.addCleanup(peer.close)
+        self.assertIsNone(healthclient.locate(self.state, PortChoice(None, peer.port, peer.port)))
+
+
+class WaitTests(SynchronousTestCase):
+    def test_wait_pid_gone_for_an_exited_process(self) -> None:
+        import subprocess
+        import sys
+
+        proc = subprocess.Popen([sys.executable, "-c", "pass"])
+        proc.wait()
+        self.assertTrue(healthclient.wait_pid_gone(proc.pid, 5))
+
+    def test_wait_pid_gone_times_out_for_a_live_process(self) -> None:
+        import os
+
+        self.assertFalse(healthclient.wait_pid_gone(os.getpid(), 0.05))
+
+    def test_wait_port_free(self) -> None:
+        self.assertTrue(healthclient.wait_port_free(free_port(), 1))
+        with socket.socket() as busy:
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            self.assertFalse(healthclient.wait_port_free(busy.getsockname()[1], 0.1))
