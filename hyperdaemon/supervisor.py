@@ -168,7 +168,8 @@ class _HyperdProcess(ProcessProtocol):
 
     errReceived = outReceived
 
-    def processEnded(self, reason: Failure) -> None:
+    def processExited(self, reason: Failure) -> None:
+        # Not processEnded: that also waits for the output pipes to close.
         value = reason.value
         if isinstance(value, error.ProcessTerminated) and value.signal is not None:
             self.exit_reason = f"killed by signal {value.signal}"
