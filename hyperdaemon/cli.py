@@ -77,6 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--compat", action="store_true", default=argparse.SUPPRESS,
         help="start hyperd without a password, for upstream Rust clients",
     )
+    # For clients that spawn the daemon: a pipe told READY/EXISTS/ERROR once.
+    daemon.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     actions = daemon.add_subparsers(dest="action", parser_class=_Parser)
     status = actions.add_parser(
         "status", help="show the running daemon's facts",
@@ -248,18 +250,24 @@ def run_daemon(options: dict[str, Any]) -> int:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from .daemon import StartupError
+    from .daemon import AlreadyRunning, StartupError, tell_spawner
     from .tap import build_service
 
+    ready_fd = options.get("ready_fd")
     try:
         service = build_service(options, reactor)
         service.privilegedStartService()
-    except StartupError as e:
+    except AlreadyRunning as e:
+        tell_spawner(ready_fd, f"EXISTS {e.port}")
         print(f"{PROG} daemon: {e}", file=sys.stderr)
         return 1
-    globalLogBeginner.beginLoggingTo(
-        [textFileLogObserver(sys.stderr)], redirectStandardIO=False
-    )
+    except StartupError as e:
+        tell_spawner(ready_fd, f"ERROR {e}")
+        print(f"{PROG} daemon: {e}", file=sys.stderr)
+        return 1
+    # A spawned daemon logs to daemon.log only; its stderr is for crashes.
+    observers = [] if ready_fd is not None else [textFileLogObserver(sys.stderr)]
+    globalLogBeginner.beginLoggingTo(observers, redirectStandardIO=False)
     service.startService()
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -24,6 +25,8 @@ from twisted.application import strports
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, globalLogPublisher
 
 from . import __version__, peeruid
@@ -32,10 +35,37 @@ from .discovery import HYPERD_LOGS_NAME, DaemonRecord, remove_record_if_owned, w
 from .idle import IdleTimer
 from .logs import open_daemon_log
 from .protocol import Authorizer, HealthFactory
-from .sessions import SessionRegistry
+from .sessions import (
+    DROP_RETRY_SECONDS,
+    SESSIONS_NAME,
+    DatabaseInUse,
+    Session,
+    SessionRegistry,
+    drop_database,
+    pid_alive,
+    remove_session_folder,
+    session_folder,
+    sweep_orphans,
+)
 from .supervisor import HyperdInstance, HyperdSupervisor
 
 _log = Logger()
+
+#: Version of the session commands (SESSION, READY, BYE) this daemon speaks;
+#: clients look for it in STATUS before they rely on them.
+SESSION_PROTOCOL = 1
+
+
+def _own_daemon_among(ports: tuple[int, ...]) -> int | None:
+    """The first of C{ports} where a daemon of this user answers (blocking)."""
+    from .healthclient import PortState, probe_port
+
+    for port in ports:
+        # Generous: a daemon that has bound its port may not answer until its
+        # reactor runs, which takes a while on a loaded machine.
+        if probe_port(port, timeout=5.0).state is PortState.DAEMON:
+            return port
+    return None
 
 
 class StartupError(Exception):
@@ -52,6 +82,39 @@ class DaemonSettings:
     idle_timeout: float
     hyperd: Path
     compat: bool = False
+    #: Ports of the range below C{port} that were busy when it was chosen:
+    #: a daemon of this user that was still starting may answer there, and
+    #: then this one yields (the lowest port wins a race).
+    lower_ports: tuple[int, ...] = ()
+    #: A pipe to the process that spawned this daemon: it is told
+    #: C{READY <port>}, C{EXISTS <port>} or C{ERROR <reason>}, once.
+    ready_fd: int | None = None
+
+    @property
+    def sessions_dir(self) -> Path:
+        return self.state_dir / SESSIONS_NAME
+
+
+class AlreadyRunning(StartupError):
+    """A daemon of this user already answers on C{port}."""
+
+    def __init__(self, message: str, port: int) -> None:
+        super().__init__(message)
+        self.port = port
+
+
+def tell_spawner(fd: int | None, line: str) -> None:
+    """Write C{line} to the spawner's pipe and close it; a gone spawner is fine."""
+    if fd is None:
+        return
+    try:
+        os.write(fd, line.encode("utf-8", "replace") + b"\n")
+    except OSError:
+        pass
+    try:
+        os.close(fd)
+    except OSError:
+        pass
 
 
 class DaemonService(MultiService):
@@ -91,7 +154,6 @@ class DaemonService(MultiService):
             on_ready=self._hyperd_ready,
             on_give_up=self._hyperd_gave_up,
         )
-        self.supervisor.setServiceParent(self)
         self.idle = IdleTimer(reactor, settings.idle_timeout, lambda: len(self.sessions), self._idled)
         self.idle.setServiceParent(self)
         self.sessions.on_change.append(self.idle.touch)
@@ -103,6 +165,9 @@ class DaemonService(MultiService):
         self._stopping: defer.Deferred[None] | None = None
         self._log_observer: Any = None
         self._logfile: Any = None
+        self._ready_fd = settings.ready_fd
+        self._ready_waiters: list[defer.Deferred[dict[str, Any]]] = []
+        self._cleanups: set[defer.Deferred[None]] = set()
 
     # -- lifetime -----------------------------------------------------------
 
@@ -136,6 +201,28 @@ class DaemonService(MultiService):
         if self._install_signal_handlers:
             # After the reactor's own handlers, which would exit by signal.
             self._reactor.callWhenRunning(self._handle_signals)
+        for folder in sweep_orphans(self.settings.sessions_dir, pid_alive):
+            _log.info("removed {folder}, left by a client that is gone", folder=str(folder))
+        if self.settings.lower_ports:
+            d = deferToThreadPool(
+                self._reactor, self._reactor.getThreadPool(), _own_daemon_among,
+                self.settings.lower_ports,
+            )
+            d.addCallback(self._yield_or_start)
+            d.addErrback(lambda f: _log.failure("checking lower ports failed", f)
+                         or self._yield_or_start(None))
+        else:
+            self.supervisor.startService()
+
+    def _yield_or_start(self, port: int | None) -> None:
+        if self._shutting_down:
+            return
+        if port is None:
+            self.supervisor.startService()
+            return
+        tell_spawner(self._ready_fd, f"EXISTS {port}")
+        self._ready_fd = None
+        self.shutdown(f"a daemon of this user already runs on port {port}", exit_code=1)
 
     def _handle_signals(self) -> None:
         def handler(signum: int, frame: object) -> None:
@@ -153,6 +240,11 @@ class DaemonService(MultiService):
         self.stop_reason = reason
         self.exit_code = exit_code
         _log.info("stopping: {reason}", reason=reason)
+        tell_spawner(self._ready_fd, f"ERROR {reason}")
+        self._ready_fd = None
+        for waiter in self._ready_waiters:
+            waiter.errback(Exception(f"the daemon is stopping: {reason}"))
+        self._ready_waiters = []
         self._on_shutdown()
 
     def stopService(self) -> defer.Deferred[None]:
@@ -164,7 +256,14 @@ class DaemonService(MultiService):
     async def _stop(self) -> None:
         await defer.maybeDeferred(self.health.stopService)
         self.idle.stopService()
-        await self.supervisor.stopService()
+        if self.supervisor.running:
+            await self.supervisor.stopService()
+        # With hyperd gone, nothing has the sessions' databases open.
+        if self._cleanups:
+            await defer.DeferredList(list(self._cleanups))
+        for session in self.sessions:
+            if session.ephemeral_db:
+                remove_session_folder(Path(session.ephemeral_db).parent)
         if remove_record_if_owned(self.settings.state_dir, os.getpid(), self.settings.port):
             _log.info("removed {path}", path=str(self.settings.state_dir / "daemon.json"))
         _log.info("stopped")
@@ -176,6 +275,11 @@ class DaemonService(MultiService):
     # -- events -------------------------------------------------------------
 
     def _hyperd_ready(self, instance: HyperdInstance) -> None:
+        tell_spawner(self._ready_fd, f"READY {self.settings.port}")
+        self._ready_fd = None
+        waiters, self._ready_waiters = self._ready_waiters, []
+        for waiter in waiters:
+            waiter.callback(self._credentials(instance))
         record = DaemonRecord(
             pid=os.getpid(),
             hyperd_endpoint=instance.endpoint,
@@ -212,6 +316,76 @@ class DaemonService(MultiService):
     def report_hyperd_error(self) -> None:
         self.supervisor.check_now()
 
+    def _credentials(self, instance: HyperdInstance) -> dict[str, Any]:
+        return {
+            "hyperd_endpoint": instance.endpoint,
+            "hyperd_user": instance.user,
+            "hyperd_password": instance.password,
+        }
+
+    def when_ready(self) -> defer.Deferred[dict[str, Any]]:
+        if self._shutting_down:
+            return defer.fail(Exception(f"the daemon is stopping: {self.stop_reason}"))
+        instance = self.supervisor.instance
+        if instance is not None:
+            return defer.succeed(self._credentials(instance))
+        waiter: defer.Deferred[dict[str, Any]] = defer.Deferred()
+        self._ready_waiters.append(waiter)
+        return waiter
+
+    def attach_session(self, fields: dict[str, Any]) -> tuple[str, defer.Deferred[dict[str, Any]]]:
+        pid, name, ephemeral = fields.get("pid"), fields.get("name"), fields.get("ephemeral_db")
+        if type(pid) is not int or pid <= 0:
+            raise ValueError("SESSION needs \"pid\", the client's process id")
+        if name is not None and not (isinstance(name, str) and len(name) <= 200):
+            raise ValueError("\"name\" must be a string of at most 200 characters")
+        if ephemeral is not None:
+            if not isinstance(ephemeral, str):
+                raise ValueError("\"ephemeral_db\" must be a path")
+            session_folder(ephemeral, self.settings.sessions_dir)
+        session = Session(self.sessions.new_id(), pid, name, ephemeral, time.time())
+        self.sessions.attach(session)
+        _log.info("session {id} attached: pid {pid} {name}", id=session.id, pid=pid,
+                  name=name or "")
+        ready = self.when_ready()
+        ready.addCallback(lambda facts: {"id": session.id, **facts})
+        return session.id, ready
+
+    def end_session(self, session_id: str) -> None:
+        session = self.sessions.detach(session_id)
+        if session is None:
+            return
+        _log.info("session {id} ended (pid {pid})", id=session.id, pid=session.pid)
+        if session.ephemeral_db and not self._shutting_down:
+            cleanup = defer.ensureDeferred(self._drop_ephemeral(session))
+            self._cleanups.add(cleanup)
+            cleanup.addBoth(lambda _: self._cleanups.discard(cleanup))
+
+    async def _drop_ephemeral(self, session: Session) -> None:
+        """Drop a finished session's database through hyperd, then its folder."""
+        assert session.ephemeral_db is not None
+        folder = Path(session.ephemeral_db).parent
+        deadline = self._reactor.seconds() + DROP_RETRY_SECONDS
+        while (instance := self.supervisor.instance) is not None:
+            try:
+                await deferToThreadPool(
+                    self._reactor, self._reactor.getThreadPool(), drop_database,
+                    instance.host, instance.port, instance.user, instance.password,
+                    session.ephemeral_db,
+                )
+                break
+            except DatabaseInUse:
+                # The client's own hyperd connection has not closed yet.
+                if self._reactor.seconds() >= deadline or self._shutting_down:
+                    _log.warn("{path} is still in use; left in place", path=session.ephemeral_db)
+                    return
+                await deferLater(self._reactor, 0.1, lambda: None)
+            except Exception as e:
+                _log.warn("could not drop {path}: {error}", path=session.ephemeral_db, error=e)
+                break
+        remove_session_folder(folder)
+        _log.info("removed the ephemeral database of session {id}", id=session.id)
+
     def status(self) -> dict[str, Any]:
         instance = self.supervisor.instance
         state = "stopping" if self._shutting_down else self.supervisor.state
@@ -232,4 +406,5 @@ class DaemonService(MultiService):
             "state_dir": str(self.settings.state_dir),
             "log_dir": str(self.settings.logs_dir),
             "sessions": self.sessions.to_json(),
+            "session_protocol": SESSION_PROTOCOL,
         }

@@ -23,6 +23,8 @@ DISCOVERY_NAME = "daemon.json"
 LOGS_NAME = "logs"
 #: hyperd's own logs, inside the logs folder.
 HYPERD_LOGS_NAME = "hyperd"
+#: One private folder per session's ephemeral database.
+SESSIONS_NAME = "sessions"
 DIR_MODE = 0o700
 FILE_MODE = 0o600
 
@@ -113,8 +115,8 @@ def _secure_dir(path: Path) -> None:
 
 def prepare_state_dir(path: Path) -> Path:
     """
-    Make C{path}, its C{logs} folder and C{logs/hyperd} exist as 0700
-    directories of this user (tightening looser modes), and prove C{path}
+    Make C{path}, its C{logs}, C{logs/hyperd} and C{sessions} folders exist
+    as 0700 directories of this user (tightening looser modes), and prove C{path}
     writable.
 
     @return: the C{logs} folder.
@@ -124,6 +126,7 @@ def prepare_state_dir(path: Path) -> Path:
     logs = path / LOGS_NAME
     _secure_dir(logs)
     _secure_dir(logs / HYPERD_LOGS_NAME)
+    _secure_dir(path / SESSIONS_NAME)
     try:
         with tempfile.TemporaryFile(dir=path):
             pass

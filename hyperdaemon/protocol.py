@@ -20,10 +20,12 @@ from twisted.internet.interfaces import (
     IReactorTime,
     ITransport,
 )
+from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from . import PRODUCT
@@ -45,6 +47,20 @@ class HealthTarget(Protocol):
 
     def report_hyperd_error(self) -> None:
         """A client saw C{hyperd} fail: check it now."""
+
+    def attach_session(self, fields: dict[str, Any]) -> tuple[str, Deferred[dict[str, Any]]]:
+        """
+        Register a session (C{SESSION}): its id, and a Deferred that fires
+        with the id and C{hyperd}'s credentials once C{hyperd} is ready.
+
+        @raise ValueError: if C{fields} are unusable (the message says why).
+        """
+
+    def end_session(self, session_id: str) -> None:
+        """The session is over (C{BYE} or its connection dropped)."""
+
+    def when_ready(self) -> Deferred[dict[str, Any]]:
+        """C{hyperd}'s credentials, once it is ready (C{READY})."""
 
 
 #: Decides whether the peer of a transport may use more than C{PING}.
@@ -95,12 +111,17 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         self._authorize = authorize
         self._allowed: bool | None = None
         self._cutoff: Any = None
-        self._commands: dict[str, Callable[[str], str]] = {
+        #: The session this connection carries, once C{SESSION} succeeded.
+        self.session_id: str | None = None
+        self._commands: dict[str, Callable[[str], str | Deferred[str]]] = {
             "PING": self.cmd_PING,
             "HEARTBEAT": self.cmd_HEARTBEAT,
             "STATUS": self.cmd_STATUS,
             "STOP": self.cmd_STOP,
             "REPORT_HYPERD_ERROR": self.cmd_REPORT_HYPERD_ERROR,
+            "SESSION": self.cmd_SESSION,
+            "READY": self.cmd_READY,
+            "BYE": self.cmd_BYE,
         }
 
     def connectionMade(self) -> None:
@@ -111,6 +132,12 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         self.setTimeout(None)
         if self._cutoff is not None and self._cutoff.active():
             self._cutoff.cancel()
+        self._end_session()
+
+    def _end_session(self) -> None:
+        session_id, self.session_id = self.session_id, None
+        if session_id is not None:
+            self._target.end_session(session_id)
 
     def readConnectionLost(self) -> None:
         self._close()
@@ -161,7 +188,32 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         if handler is None:
             self.sendLine(b"ERR unknown command")
             return
-        self.sendLine(handler(argument.strip()).encode("utf-8"))
+        reply = handler(argument.strip())
+        if isinstance(reply, Deferred):
+            self._reply_later(reply)
+        else:
+            self.sendLine(reply.encode("utf-8"))
+
+    def _reply_later(self, reply: Deferred[str]) -> None:
+        """
+        Hold later lines until C{reply} fires, so that replies keep the
+        order of their commands.
+        """
+        self.paused = True
+        self.setTimeout(None)
+
+        def send(line: object) -> None:
+            if isinstance(line, Failure):
+                line = f"ERR {line.getErrorMessage()}"
+            if self.transport is None or self._cutoff is not None:
+                return
+            self.sendLine(str(line).encode("utf-8"))
+            self.paused = False
+            if self.session_id is None:
+                self.setTimeout(self.timeOut)
+            self.dataReceived(b"")
+
+        reply.addBoth(send)
 
     def _is_allowed(self) -> bool:
         if self._allowed is None:
@@ -188,6 +240,36 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
 
     def cmd_REPORT_HYPERD_ERROR(self, argument: str) -> str:
         self._target.report_hyperd_error()
+        return "OK"
+
+    def cmd_SESSION(self, argument: str) -> str | Deferred[str]:
+        if self.session_id is not None:
+            return "ERR this connection already carries a session"
+        try:
+            fields = json.loads(argument)
+            if not isinstance(fields, dict):
+                raise ValueError("SESSION takes a JSON object")
+            self.session_id, ready = self._target.attach_session(fields)
+        except ValueError as e:
+            return f"ERR {e}"
+        # A session's connection is silent by design: no idle timeout.
+        self.setTimeout(None)
+
+        def failed(reason: Failure) -> str:
+            self._end_session()
+            return f"ERR {reason.getErrorMessage()}"
+
+        return ready.addCallbacks(
+            lambda facts: "OK " + json.dumps(facts, separators=(",", ":")), failed
+        )
+
+    def cmd_READY(self, argument: str) -> Deferred[str]:
+        return self._target.when_ready().addCallback(
+            lambda facts: "OK " + json.dumps(facts, separators=(",", ":"))
+        )
+
+    def cmd_BYE(self, argument: str) -> str:
+        self._end_session()
         return "OK"
 
 

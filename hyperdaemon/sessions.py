@@ -2,17 +2,24 @@
 The registry of attached sessions: the MCP servers holding a long-lived
 connection to the daemon, each with its ephemeral database.
 
-This module is domain state only; the health protocol attaches and detaches
+The registry is domain state only; the health protocol attaches and detaches
 sessions, and the daemon lists them in C{STATUS} and asks the registry
-whether any is attached before it stops for idleness.
+whether any is attached before it stops for idleness.  Each session's
+ephemeral database lives in a private folder under C{$STATE/sessions/}
+named for the client's pid; the helpers below validate, drop and sweep them.
 """
 
 from __future__ import annotations
 
 import itertools
+import os
+import shutil
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import attrs
+
+from .discovery import SESSIONS_NAME  # noqa: F401  (re-exported)
 
 
 @attrs.define
@@ -75,3 +82,85 @@ class SessionRegistry:
 
     def to_json(self) -> list[dict[str, Any]]:
         return [session.to_json() for session in self]
+
+
+#: Seconds the daemon keeps trying to drop a dead session's database while
+#: hyperd still has it open (the client's libpq connection is closing).
+DROP_RETRY_SECONDS = 10.0
+
+
+def session_folder(ephemeral_db: str, root: Path) -> Path:
+    """
+    The private folder of a session's ephemeral database: C{ephemeral_db}
+    must be an absolute C{.hyper} path directly inside a folder of C{root}
+    (clients make it with C{mkdtemp(prefix=f"{pid}-", dir=root)}).
+
+    @raise ValueError: for any other path; the daemon deletes these folders,
+        so it must never be handed one it does not own.
+    """
+    path = Path(ephemeral_db)
+    if not path.is_absolute() or path.suffix != ".hyper" or ".." in path.parts:
+        raise ValueError("ephemeral_db must be an absolute path to a .hyper file")
+    folder = path.parent
+    if folder.parent != root or not folder.name.split("-", 1)[0].isdigit():
+        raise ValueError(f"ephemeral_db must be inside a session folder of {root}")
+    return folder
+
+
+def remove_session_folder(folder: Path) -> None:
+    """Delete a session folder and what is in it; absent is fine."""
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+def sweep_orphans(root: Path, is_alive: Callable[[int], bool]) -> list[Path]:
+    """
+    Remove the session folders under C{root} whose client process is gone
+    (a client killed while no daemon watched it).
+
+    @return: the folders removed.
+    """
+    removed = []
+    try:
+        entries = list(root.iterdir())
+    except FileNotFoundError:
+        return removed
+    for folder in entries:
+        owner = folder.name.split("-", 1)[0]
+        if folder.is_dir() and owner.isdigit() and not is_alive(int(owner)):
+            remove_session_folder(folder)
+            removed.append(folder)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class DatabaseInUse(Exception):
+    """hyperd refuses to drop a database that a connection still has attached."""
+
+
+def drop_database(host: str, port: int, user: str, password: str | None, path: str) -> None:
+    """
+    Drop (and so delete) the database file C{path} through hyperd.  Blocks:
+    call it from a worker thread.
+
+    @raise DatabaseInUse: if a connection still has it attached.
+    """
+    import psycopg
+
+    quoted = '"' + path.replace('"', '""') + '"'
+    with psycopg.connect(host=host, port=port, user=user, password=password,
+                         autocommit=True, connect_timeout=5) as conn:
+        try:
+            conn.execute(f"DROP DATABASE IF EXISTS {quoted}")
+        except psycopg.Error as e:
+            if "in use" in str(e):
+                raise DatabaseInUse(str(e)) from None
+            raise

@@ -16,7 +16,7 @@ from typing import Any, Mapping
 from twisted.python import usage
 
 from . import config
-from .daemon import DaemonService, DaemonSettings, StartupError
+from .daemon import AlreadyRunning, DaemonService, DaemonSettings, StartupError
 from .discovery import StateDirError, prepare_state_dir
 from .healthclient import PortState, probe_port
 
@@ -52,28 +52,33 @@ class Options(usage.Options):
             raise usage.UsageError(str(e))
 
 
-def choose_port(choice: config.PortChoice) -> int:
+def choose_port(choice: config.PortChoice) -> tuple[int, tuple[int, ...]]:
     """
     The health port to bind: the pinned one, or the first free one of the
     range, skipping ports held by other programs and other users' daemons.
     The whole range is checked first: one daemon per user, wherever it runs.
 
-    @raise StartupError: if a daemon of this user already answers in the
-        range (or on the pinned port), the pinned port is taken, or the
-        range is full.
+    @return: the port, and the busy ports before it that did not answer as
+        a daemon in time (one may be a daemon still starting; see
+        L{DaemonSettings.lower_ports}).
+    @raise AlreadyRunning: if a daemon of this user already answers in the
+        range (or on the pinned port).
+    @raise StartupError: if the pinned port is taken, or the range is full.
     """
     probes = [probe_port(port) for port in choice.candidates()]
     for found in probes:
         if found.state is PortState.DAEMON:
             port = found.port
-            raise StartupError(
+            raise AlreadyRunning(
                 f"A hyperdb-mcp daemon (version {found.version}) is already running on "
                 f"port {port}: use it, see 'hyperdb-mcp daemon status --port {port}', "
-                f"or stop it with 'hyperdb-mcp daemon stop --port {port}'."
+                f"or stop it with 'hyperdb-mcp daemon stop --port {port}'.",
+                port,
             )
-    for found in probes:
+    for index, found in enumerate(probes):
         if found.state is PortState.FREE:
-            return found.port
+            lower = tuple(p.port for p in probes[:index] if p.state is PortState.FOREIGN)
+            return found.port, lower
     if choice.pinned is not None:
         raise StartupError(
             f"Port {choice.pinned} is in use by another program: choose another "
@@ -88,7 +93,8 @@ def choose_port(choice: config.PortChoice) -> int:
 def resolve_settings(options: Mapping[str, Any], environ: Mapping[str, str]) -> DaemonSettings:
     """
     Resolve and check every setting (C{options} keys: C{port},
-    C{idle_timeout}, C{state_dir}, C{compat}); prepare the state directory.
+    C{idle_timeout}, C{state_dir}, C{compat}, C{ready_fd}); prepare the
+    state directory.
 
     @raise StartupError: with one sentence naming the problem and the fix.
     """
@@ -100,13 +106,16 @@ def resolve_settings(options: Mapping[str, Any], environ: Mapping[str, str]) -> 
         logs = prepare_state_dir(state)
     except (config.ConfigError, StateDirError) as e:
         raise StartupError(str(e)) from None
+    port, lower = choose_port(choice)
     return DaemonSettings(
-        port=choose_port(choice),
+        port=port,
         state_dir=state,
         logs_dir=logs,
         idle_timeout=idle,
         hyperd=hyperd,
         compat=bool(options.get("compat")),
+        lower_ports=lower,
+        ready_fd=options.get("ready_fd"),
     )
 
 

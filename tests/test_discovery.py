@@ -109,7 +109,7 @@ class PrepareStateDirTests(TempDirMixin, SynchronousTestCase):
     def test_leaves_no_probe_file_behind(self) -> None:
         state = self.make_temp_dir() / "state"
         prepare_state_dir(state)
-        self.assertEqual(sorted(os.listdir(state)), ["logs"])
+        self.assertEqual(sorted(os.listdir(state)), ["logs", "sessions"])
 
     def test_regular_file_raises_state_dir_error(self) -> None:
         state = self.make_temp_dir() / "state"
@@ -180,14 +180,14 @@ class WriteRecordTests(TempDirMixin, SynchronousTestCase):
     def test_write_leaves_no_temporary_files(self) -> None:
         write_record(self.state, RECORD)
         write_record(self.state, RECORD)
-        self.assertEqual(sorted(os.listdir(self.state)), [DISCOVERY_NAME, "logs"])
+        self.assertEqual(sorted(os.listdir(self.state)), [DISCOVERY_NAME, "logs", "sessions"])
 
     def test_failed_write_raises_and_leaves_no_temporary_file(self) -> None:
         # The final rename cannot replace a directory.
         (self.state / DISCOVERY_NAME).mkdir()
         with self.assertRaises(OSError):
             write_record(self.state, RECORD)
-        self.assertEqual(sorted(os.listdir(self.state)), [DISCOVERY_NAME, "logs"])
+        self.assertEqual(sorted(os.listdir(self.state)), [DISCOVERY_NAME, "logs", "sessions"])
 
 
 class ReadRecordTests(TempDirMixin, SynchronousTestCase):
