@@ -237,9 +237,10 @@ def daemon_stop(options: dict[str, Any]) -> int:
             conn.wait_closed(STOP_TIMEOUT)
     except (OSError, DaemonError) as e:
         return _fail(f"could not ask the daemon on port {port} to stop: {e}")
-    if not wait_port_free(port, max(deadline - time.monotonic(), 0.1)):
+    pid = pid if isinstance(pid, int) else None
+    if not wait_port_free(port, max(deadline - time.monotonic(), 0.1), pid):
         return _fail(f"the daemon on port {port} is still listening after {STOP_TIMEOUT:g} s")
-    if isinstance(pid, int) and not wait_pid_gone(pid, max(deadline - time.monotonic(), 0.1)):
+    if pid is not None and not wait_pid_gone(pid, max(deadline - time.monotonic(), 0.1)):
         return _fail(f"the daemon (pid {pid}) has not exited after {STOP_TIMEOUT:g} s")
     print(f"Stopped the daemon on port {port}" + (f" (pid {pid})." if pid else "."))
     return 0

@@ -351,12 +351,13 @@ class DaemonService(MultiService):
         ready.addCallback(lambda facts: {"id": session.id, **facts})
         return session.id, ready
 
-    def end_session(self, session_id: str) -> None:
+    def end_session(self, session_id: str, clean: bool) -> None:
         session = self.sessions.detach(session_id)
         if session is None:
             return
-        _log.info("session {id} ended (pid {pid})", id=session.id, pid=session.pid)
-        if session.ephemeral_db and not self._shutting_down:
+        _log.info("session {id} ended{how} (pid {pid})", id=session.id, pid=session.pid,
+                  how="" if clean else " without goodbye")
+        if session.ephemeral_db and not clean and not self._shutting_down:
             cleanup = defer.ensureDeferred(self._drop_ephemeral(session))
             self._cleanups.add(cleanup)
             cleanup.addBoth(lambda _: self._cleanups.discard(cleanup))

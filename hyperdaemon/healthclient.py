@@ -183,8 +183,12 @@ def locate(state_dir: Path, choice: PortChoice) -> PortProbe | None:
     return None
 
 
-def wait_port_free(port: int, timeout: float) -> bool:
-    """Wait until nothing listens on C{port}; C{False} on timeout."""
+def wait_port_free(port: int, timeout: float, pid: int | None = None) -> bool:
+    """
+    Wait until nothing listens on C{port}, or, if C{pid} is given, until the
+    daemon there is no longer that one (a client may respawn one at once);
+    C{False} on timeout.
+    """
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
@@ -193,6 +197,13 @@ def wait_port_free(port: int, timeout: float) -> bool:
             return True
         except OSError:
             pass
+        else:
+            if pid is not None:
+                try:
+                    if status(port, timeout=1.0).get("pid") not in (pid, None):
+                        return True
+                except (OSError, DaemonError):
+                    pass
         time.sleep(0.01)
     return False
 

@@ -56,8 +56,11 @@ class HealthTarget(Protocol):
         @raise ValueError: if C{fields} are unusable (the message says why).
         """
 
-    def end_session(self, session_id: str) -> None:
-        """The session is over (C{BYE} or its connection dropped)."""
+    def end_session(self, session_id: str, clean: bool) -> None:
+        """
+        The session is over: C{clean} after C{BYE} (the client removes its
+        own database), not when its connection dropped (the daemon must).
+        """
 
     def when_ready(self) -> Deferred[dict[str, Any]]:
         """C{hyperd}'s credentials, once it is ready (C{READY})."""
@@ -134,10 +137,10 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
             self._cutoff.cancel()
         self._end_session()
 
-    def _end_session(self) -> None:
+    def _end_session(self, clean: bool = False) -> None:
         session_id, self.session_id = self.session_id, None
         if session_id is not None:
-            self._target.end_session(session_id)
+            self._target.end_session(session_id, clean)
 
     def readConnectionLost(self) -> None:
         self._close()
@@ -269,7 +272,7 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         )
 
     def cmd_BYE(self, argument: str) -> str:
-        self._end_session()
+        self._end_session(clean=True)
         return "OK"
 
 

@@ -76,6 +76,22 @@ class HyperdInstance:
         return f"{self.host}:{self.port}"
 
 
+#: hyperd's own stdout and stderr, in its log folder; emptied past the cap.
+HYPERD_OUTPUT_NAME = "hyperd-output.log"
+HYPERD_OUTPUT_CAP = 1_000_000
+
+
+def _open_output(path: Path) -> int:
+    """A descriptor appending to C{path} (0600), emptied first if over the cap."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
+    try:
+        if path.stat().st_size > HYPERD_OUTPUT_CAP:
+            flags |= os.O_TRUNC
+    except FileNotFoundError:
+        pass
+    return os.open(path, flags, 0o600)
+
+
 class HyperdStartError(Exception):
     """A C{hyperd} did not become ready; C{str()} says why."""
 
@@ -145,7 +161,7 @@ class _CallbackFactory(Factory):
 
 
 class _HyperdProcess(ProcessProtocol):
-    """One spawned hyperd: logs its output and reports its end."""
+    """One spawned hyperd: reports its end."""
 
     def __init__(self) -> None:
         self.ended: defer.Deferred[None] = defer.Deferred()
@@ -153,20 +169,10 @@ class _HyperdProcess(ProcessProtocol):
         self.callback: _CallbackProtocol | None = None
         #: Kept after exit, when the transport forgets it.
         self.pid: int | None = None
-        self._partial = b""
 
     def makeConnection(self, transport: Any) -> None:
         self.pid = transport.pid
         super().makeConnection(transport)
-
-    def outReceived(self, data: bytes) -> None:
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            text = line.decode("utf-8", "replace").rstrip()
-            if text:
-                _log.info("hyperd[{pid}]: {line}", pid=self.pid, line=text)
-
-    errReceived = outReceived
 
     def processExited(self, reason: Failure) -> None:
         # Not processEnded: that also waits for the output pipes to close.
@@ -388,13 +394,20 @@ class HyperdSupervisor(Service):
             ]
             if password is None:
                 args.append("--no-password")
+            # hyperd's stdout and stderr go to a file, never to a pipe of ours:
+            # if the daemon dies, a write to a dead pipe would kill hyperd by
+            # SIGPIPE in the middle of its graceful shutdown, losing the last
+            # writes to the databases it has open.
+            output = _open_output(self._log_dir / HYPERD_OUTPUT_NAME)
             try:
                 self._reactor.spawnProcess(
                     process, args[0], args, env=dict(os.environ),
-                    childFDs={0: "w", 1: "r", 2: "r"},
+                    childFDs={0: "w", 1: output, 2: output},
                 )
             except OSError as e:
                 raise HyperdStartError(f"cannot run {self._executable}: {e.strerror}") from None
+            finally:
+                os.close(output)
             self._live.add(process)
             process.ended.addBoth(lambda _: self._ended(process, generation))
             if password is not None:
@@ -419,7 +432,7 @@ class HyperdSupervisor(Service):
                 if not ready.called:
                     ready.errback(HyperdStartError(
                         f"hyperd {process.exit_reason} before it was ready; "
-                        f"see its log in {self._log_dir}"
+                        f"see {self._log_dir / HYPERD_OUTPUT_NAME}"
                     ))
 
             process.ended.addCallback(ended_early)

@@ -5,7 +5,7 @@ Every process the tests start inherits a marker variable; when the session
 ends, any such process still alive (a daemon, a hyperd, twistd) fails the
 run and is killed.  The daemon's variables are pointed away from the user's
 real state and ports, so that a test that forgets to pass its own can never
-touch ~/.hyperdb or 7485-7500.
+touch ~/.hyperdb, the user's persistent database, or 7485-7500.
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ def no_leaked_processes(tmp_path_factory: pytest.TempPathFactory):
     """Fail the run if a process started by the tests outlives them."""
     base = tmp_path_factory.getbasetemp()
     os.environ["HYPERDB_STATE_DIR"] = str(base / "default-state")
+    os.environ["HYPERDB_PERSISTENT_DB"] = str(base / "default-persistent.hyper")
+    os.environ["XDG_DATA_HOME"] = str(base / "xdg-data")
     # A range no test uses on purpose, far from the real 7485-7500.
     os.environ["HYPERDB_DAEMON_PORT_RANGE"] = "39900-39915"
     yield

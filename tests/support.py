@@ -47,6 +47,49 @@ def free_port() -> int:
             return port
 
 
+def free_range(count: int) -> tuple[int, int]:
+    """C{count} consecutive ports that nothing listens on now."""
+    import random
+
+    while True:
+        first = random.randrange(20000, 30000)
+        ports = range(first, first + count)
+        try:
+            sockets = []
+            for port in ports:
+                s = socket.socket()
+                sockets.append(s)
+                s.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        finally:
+            for s in sockets:
+                s.close()
+        return first, first + count - 1
+
+
+def stop_daemon_on(ports: range | list[int]) -> None:
+    """Stop (or kill) whatever daemon of ours answers on C{ports}; wait until it is gone."""
+    for port in ports:
+        try:
+            facts = status(port)
+        except (OSError, ValueError):
+            continue
+        try:
+            ask(port, "STOP")
+        except OSError:
+            pass
+        pid = facts.get("pid")
+        if isinstance(pid, int):
+            try:
+                wait_for(lambda: not pid_alive(pid), QUICK, f"daemon {pid} to stop")
+            except AssertionError:
+                os.kill(pid, signal.SIGKILL)
+        hyperd = facts.get("hyperd_pid")
+        if isinstance(hyperd, int):
+            wait_for(lambda: not pid_alive(hyperd), QUICK, f"hyperd {hyperd} to stop")
+
+
 def port_is_free(port: int) -> bool:
     try:
         socket.create_connection(("127.0.0.1", port), timeout=1).close()

@@ -57,8 +57,15 @@ class FakePeer:
                     f.flush()
 
     def close(self) -> None:
-        self.sock.close()
+        # shutdown() wakes the thread blocked in accept(); close() alone
+        # would not, and the thread could then accept on a reused fd.
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
         self._thread.join(5)
+        assert not self._thread.is_alive(), "the fake peer's thread did not stop"
+        self.sock.close()
 
 
 class ProbePortTests(SynchronousTestCase):

@@ -14,6 +14,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.internet.task import Clock
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -55,6 +56,23 @@ class FakeTarget:
 
     def report_hyperd_error(self) -> None:
         self.calls.append("report_hyperd_error")
+
+    #: What attach_session / when_ready hand back; tests replace them.
+    ready: Deferred[dict[str, Any]] | None = None
+
+    def attach_session(self, fields: dict[str, Any]) -> tuple[str, Deferred[dict[str, Any]]]:
+        if "pid" not in fields:
+            raise ValueError("SESSION needs pid")
+        self.calls.append(f"attach {fields['pid']}")
+        ready = self.ready if self.ready is not None else succeed({"hyperd_endpoint": "h:1"})
+        return "s1", ready.addCallback(lambda facts: {"id": "s1", **facts})
+
+    def end_session(self, session_id: str, clean: bool) -> None:
+        self.calls.append(f"end {session_id} clean={clean}")
+
+    def when_ready(self) -> Deferred[dict[str, Any]]:
+        self.calls.append("when_ready")
+        return self.ready if self.ready is not None else succeed({"hyperd_endpoint": "h:1"})
 
 
 class FakeAuthorizer:
@@ -464,3 +482,82 @@ class HealthFactoryTests(SynchronousTestCase):
         proto.dataReceived(b"STOP\n")
         self.assertEqual(transport.value(), b"STOPPING\n")
         self.assertIn("stop", target.calls)
+
+
+class SessionCommandTests(HealthProtocolTestsMixin, SynchronousTestCase):
+    """SESSION, READY and BYE; replies that wait keep the order of commands."""
+
+    def test_session_answers_ok_with_the_facts(self) -> None:
+        proto, transport = self.connect()
+        reply = self.exchange(proto, transport, b'SESSION {"pid": 42}\n')
+        self.assertEqual(reply, b'OK {"id":"s1","hyperd_endpoint":"h:1"}\n')
+        self.assertEqual(proto.session_id, "s1")
+
+    def test_session_with_bad_json_or_fields_is_an_error(self) -> None:
+        proto, transport = self.connect()
+        self.assertTrue(self.exchange(proto, transport, b"SESSION {nope\n").startswith(b"ERR "))
+        self.assertTrue(self.exchange(proto, transport, b"SESSION [1]\n").startswith(b"ERR "))
+        self.assertEqual(self.exchange(proto, transport, b"SESSION {}\n"),
+                         b"ERR SESSION needs pid\n")
+        self.assertIsNone(proto.session_id)
+        self.assertFalse(transport.disconnecting)
+
+    def test_one_session_per_connection(self) -> None:
+        proto, transport = self.connect()
+        self.exchange(proto, transport, b'SESSION {"pid": 1}\n')
+        self.assertTrue(self.exchange(proto, transport, b'SESSION {"pid": 1}\n')
+                        .startswith(b"ERR "))
+
+    def test_a_session_connection_has_no_idle_timeout(self) -> None:
+        proto, transport = self.connect()
+        self.exchange(proto, transport, b'SESSION {"pid": 1}\n')
+        self.clock.advance(HealthProtocol.timeOut * 10)
+        self.assertFalse(transport.disconnecting)
+
+    def test_dropped_session_connection_ends_the_session_uncleanly(self) -> None:
+        proto, transport = self.connect()
+        self.exchange(proto, transport, b'SESSION {"pid": 1}\n')
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertIn("end s1 clean=False", self.target.calls)
+
+    def test_bye_ends_the_session_cleanly(self) -> None:
+        proto, transport = self.connect()
+        self.exchange(proto, transport, b'SESSION {"pid": 1}\n')
+        self.assertEqual(self.exchange(proto, transport, b"BYE\n"), b"OK\n")
+        self.assertIn("end s1 clean=True", self.target.calls)
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual([c for c in self.target.calls if c.startswith("end")],
+                         ["end s1 clean=True"])
+
+    def test_a_waiting_reply_holds_later_commands_in_order(self) -> None:
+        proto, transport = self.connect()
+        self.target.ready = Deferred()
+        self.assertEqual(self.exchange(proto, transport, b"READY\nPING\nHEARTBEAT\n"), b"")
+        transport.clear()
+        self.target.ready.callback({"hyperd_endpoint": "h:2"})
+        self.assertEqual(
+            transport.value(),
+            b'OK {"hyperd_endpoint":"h:2"}\nPONG hyperdb-mcp 9.8.7\nOK\n',
+        )
+
+    def test_a_failed_wait_answers_err(self) -> None:
+        proto, transport = self.connect()
+        self.target.ready = Deferred()
+        self.exchange(proto, transport, b"READY\n")
+        transport.clear()
+        self.target.ready.errback(Exception("the daemon is stopping"))
+        self.assertEqual(transport.value(), b"ERR the daemon is stopping\n")
+
+    def test_connection_lost_while_session_waits_ends_it(self) -> None:
+        proto, transport = self.connect()
+        self.target.ready = Deferred()
+        self.exchange(proto, transport, b'SESSION {"pid": 1}\n')
+        proto.connectionLost(Failure(ConnectionDone()))
+        self.assertIn("end s1 clean=False", self.target.calls)
+        self.target.ready.callback({"hyperd_endpoint": "h:2"})  # must not raise
+
+    def test_refused_peer_cannot_open_a_session(self) -> None:
+        proto, transport = self.connect(allowed=False)
+        self.assertEqual(self.exchange(proto, transport, b'SESSION {"pid": 1}\n'),
+                         b"ERR forbidden\n")
+        self.assertEqual(self.target.calls, [])
