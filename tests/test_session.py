@@ -372,3 +372,33 @@ def _is_daemon(pid: int) -> bool:
     except OSError:
         return False
     return b"hyperdaemon" in argv and b"daemon" in argv
+
+
+PEER = Path(os.environ.get("HYPERDB_PEER_DIR", "/tmp/peer/package"))
+
+
+@pytest.mark.skipif(not (PEER / "hyperdb-mcp").exists(),
+                    reason="the upstream hyperdb-mcp is not installed (shared/tools/peer-install.sh)")
+class UpstreamDaemonTests(ClientTestCase):
+    """A daemon without our session commands is used as it is."""
+
+    async def test_session_through_the_upstream_daemon(self) -> None:
+        port = self.ports[0]
+        self.state.mkdir(mode=0o700, parents=True, exist_ok=True)
+        env = dict(self.env, HYPERD_PATH=str(PEER / "hyperd"), HYPERDB_DAEMON_PORT=str(port))
+        upstream = subprocess.Popen(
+            [str(PEER / "hyperdb-mcp"), "daemon", "--port", str(port), "--idle-timeout", "60"],
+            env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        self.addCleanup(lambda: (upstream.poll() is None and upstream.kill(), upstream.wait(QUICK)))
+        await deferToThread(wait_for, lambda: (self.state / "daemon.json").exists(),
+                            READY_TIMEOUT, "the upstream daemon to be ready")
+        session = await self.open(port=port)
+        self.assertIsNone(session._source.address.session_protocol)
+        await session.execute(["CREATE TABLE t (x int)", "INSERT INTO t VALUES (1)"])
+        self.assertEqual((await session.query("SELECT x FROM t")).rows, [(1,)])
+        folder = session.ephemeral_db.parent
+        await session.close()
+        self.assertFalse(folder.exists())
+        self.assertIsNone(upstream.poll())
