@@ -60,6 +60,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Hyper SQL for AI assistants, through one shared hyperd per user.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    parser.add_argument("--no-daemon", action="store_true",
+                        help="use a private hyperd owned by this process instead of the daemon")
+    parser.add_argument("--persistent-db", metavar="PATH",
+                        help="the shared persistent .hyper file (default: HYPERDB_PERSISTENT_DB, "
+                             "else ~/.local/share/hyperdb/workspace.hyper)")
+    parser.add_argument("--ephemeral-only", action="store_true",
+                        help="no persistent database: only this session's scratch database")
+    parser.add_argument("--read-only", action="store_true",
+                        help="refuse every tool that writes")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
     daemon = commands.add_parser(
@@ -104,10 +113,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = vars(args)
     if args.command != "daemon":
-        return _fail(
-            "the MCP server is not part of this release yet; "
-            "run 'hyperdb-mcp daemon' for the shared daemon.", 2
-        )
+        from .mcpserver import run
+
+        return run(options)
     action = options.get("action")
     if action == "status":
         return daemon_status(options)

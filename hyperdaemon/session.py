@@ -673,6 +673,18 @@ class Session:
 
         return self._in_worker(self._run, work, False)
 
+    def call(self, work: Callable[[Any], Any], retry: bool = False) -> defer.Deferred[Any]:
+        """
+        Run C{work(connection)} on the session's worker thread with its
+        psycopg connection (autocommit; databases attached, search path on
+        C{local}); fires with what it returns.  C{retry}: run it once more
+        if hyperd went away during it (only for work that is safe to
+        repeat).
+        """
+        self._check_open()
+        self._source.activity()
+        return self._in_worker(self._run, work, retry)
+
     def _check_open(self) -> None:
         if self._closed:
             raise SessionError("the session is closed")

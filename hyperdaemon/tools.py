@@ -1,0 +1,798 @@
+"""
+The MCP tools: what each one does to the session's databases.
+
+Each tool is a method of L{Tools} that returns a Deferred (the MCP server
+awaits it).  The database work itself is a plain function of a psycopg
+connection, run on the session's worker thread by L{Session.call}.  Errors a
+model can cause become L{ToolFailure} with the database's message and a
+hint; the session and the daemon are unharmed.  The pure helpers (SQL
+classification, type inference, result shaping) are tested on their own.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import secrets
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+from twisted.internet import defer
+
+from . import __version__
+from .session import EPHEMERAL_ALIAS, PERSISTENT_ALIAS, Session
+
+#: Rows a result shows at most; the rest is counted and noted.
+ROW_CAP = 200
+#: Characters of one cell shown at most.
+CELL_CAP = 2000
+#: Rows read to infer the column types of a CSV or JSON source.
+INFER_ROWS = 1000
+#: Rows inserted per batch when loading JSON.
+BATCH = 1000
+
+READ_ONLY_STARTS = {"SELECT", "WITH", "VALUES", "TABLE", "EXPLAIN", "SHOW"}
+WRITE_WORDS = {
+    "INSERT", "UPDATE", "DELETE", "MERGE", "CREATE", "DROP", "ALTER", "TRUNCATE",
+    "COPY", "ATTACH", "DETACH", "GRANT", "REVOKE", "SET", "RESET", "BEGIN", "COMMIT",
+    "ROLLBACK", "VACUUM", "CHECKPOINT", "RENAME", "CALL", "DO", "UNLOAD",
+}
+IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class ToolFailure(Exception):
+    """A tool could not do what was asked; C{str()} says why and what to try."""
+
+
+# -- pure helpers ----------------------------------------------------------------
+
+def _code_only(sql: str) -> str:
+    """C{sql} with comments, string literals and quoted identifiers blanked."""
+    out, i, n = [], 0, len(sql)
+    while i < n:
+        two = sql[i:i + 2]
+        if two == "--":
+            end = sql.find("\n", i)
+            i = n if end < 0 else end
+        elif two == "/*":
+            end = sql.find("*/", i + 2)
+            i = n if end < 0 else end + 2
+            out.append(" ")
+        elif sql[i] in "'\"":
+            quote, i = sql[i], i + 1
+            while i < n:
+                if sql[i] == quote:
+                    if sql[i + 1:i + 2] == quote:
+                        i += 2
+                        continue
+                    break
+                i += 1
+            i += 1
+            out.append(" x ")
+        else:
+            out.append(sql[i])
+            i += 1
+    return "".join(out)
+
+
+def statement_count(sql: str) -> int:
+    """How many statements C{sql} holds (semicolons outside literals)."""
+    return len([part for part in _code_only(sql).split(";") if part.strip()])
+
+
+def read_only_problem(sql: str) -> str | None:
+    """
+    Why C{sql} is not a single read-only statement, or C{None} if it is.
+    Conservative: a write keyword anywhere outside literals refuses it.
+    """
+    code = _code_only(sql)
+    if statement_count(sql) != 1:
+        return "query takes exactly one statement"
+    words = re.findall(r"[A-Za-z_]+", code)
+    if not words or words[0].upper() not in READ_ONLY_STARTS:
+        return "query only runs read-only statements (SELECT, WITH, VALUES, EXPLAIN, SHOW)"
+    writes = sorted({w.upper() for w in words} & WRITE_WORDS)
+    if writes:
+        return f"query only runs read-only statements; this one contains {', '.join(writes)}"
+    return None
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def table_reference(table: str, database: str) -> str:
+    """
+    C{database.public.table} for a plain table name; a name that already
+    names its schema or database (C{a.b}, C{a.b.c}) is kept as given.
+    """
+    parts = table.split(".")
+    if len(parts) == 1:
+        if not IDENTIFIER.match(table):
+            return f"{quote_identifier(database)}.public.{quote_identifier(table)}"
+        return f"{quote_identifier(database)}.public.{table}"
+    return table
+
+
+def _cell(value: Any) -> Any:
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    text = str(value)
+    return text if len(text) <= CELL_CAP else text[:CELL_CAP] + "..."
+
+
+def shape_result(columns: list[str], rows: list[tuple[Any, ...]], total: int | None = None,
+                 cap: int = ROW_CAP) -> dict[str, Any]:
+    """A compact result for a model: columns, at most C{cap} rows, a note if cut."""
+    total = len(rows) if total is None else total
+    shown = [[_cell(v) for v in row] for row in rows[:cap]]
+    result: dict[str, Any] = {"columns": columns, "rows": shown, "row_count": total}
+    if total > len(shown):
+        result["truncated"] = True
+        result["note"] = (f"showing {len(shown)} of {total} rows; add LIMIT/OFFSET or an "
+                          f"aggregate to see the rest")
+    return result
+
+
+def _looks_int(text: str) -> bool:
+    return bool(re.fullmatch(r"[+-]?\d{1,18}", text))
+
+
+def _looks_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return text.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity")
+
+
+def infer_type(values: Iterable[Any]) -> str:
+    """
+    The narrowest Hyper type for C{values} (strings from CSV, or JSON
+    values): BOOLEAN, BIGINT, DOUBLE PRECISION, else TEXT.  Empty strings
+    and None are nulls and say nothing.
+    """
+    kinds = set()
+    for value in values:
+        if value is None or value == "":
+            continue
+        if isinstance(value, bool) or (isinstance(value, str)
+                                       and value.strip().lower() in ("true", "false")):
+            kinds.add("bool")
+        elif isinstance(value, int) or (isinstance(value, str) and _looks_int(value)):
+            kinds.add("int")
+        elif isinstance(value, float) or (isinstance(value, str) and _looks_float(value)):
+            kinds.add("float")
+        else:
+            return "TEXT"
+    if kinds == {"bool"}:
+        return "BOOLEAN"
+    if kinds == {"int"}:
+        return "BIGINT"
+    if kinds and kinds <= {"int", "float"}:
+        return "DOUBLE PRECISION"
+    return "TEXT"
+
+
+def _convert(value: Any, sql_type: str) -> Any:
+    if value is None or value == "":
+        return None
+    if sql_type == "BOOLEAN":
+        return value if isinstance(value, bool) else str(value).strip().lower() == "true"
+    if sql_type == "BIGINT":
+        return int(value)
+    if sql_type == "DOUBLE PRECISION":
+        return float(value)
+    if isinstance(value, (dict, list)):
+        return json.dumps(value)
+    return str(value)
+
+
+def parse_records(data: str, fmt: str | None) -> tuple[list[str], list[list[Any]]]:
+    """
+    Inline data as columns and rows: CSV with a header, a JSON array of
+    objects, or JSON lines.  C{fmt} is C{csv}, C{json}, C{jsonl} or None
+    (guessed from the first character).
+
+    @raise ToolFailure: for data that is none of those.
+    """
+    text = data.strip()
+    if not text:
+        raise ToolFailure("data is empty; pass CSV with a header, a JSON array, or JSON lines")
+    fmt = (fmt or ("json" if text[0] in "[{" else "csv")).lower()
+    if fmt == "csv":
+        reader = csv.reader(io.StringIO(text))
+        header = next(reader)
+        rows = [row for row in reader if row]
+        if not header or any(not h.strip() for h in header):
+            raise ToolFailure("the CSV header has an empty column name")
+        if any(len(row) != len(header) for row in rows):
+            raise ToolFailure("every CSV row must have as many fields as the header")
+        return [h.strip() for h in header], rows
+    if fmt in ("json", "jsonl", "ndjson"):
+        try:
+            if text[0] == "[":
+                records = json.loads(text)
+            else:
+                records = [json.loads(line) for line in text.splitlines() if line.strip()]
+        except ValueError as e:
+            raise ToolFailure(f"the data is not valid JSON: {e}") from None
+        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
+            raise ToolFailure("JSON data must be an array of objects, or one object per line")
+        if not records:
+            raise ToolFailure("the JSON array is empty")
+        columns: list[str] = []
+        for record in records:
+            for key in record:
+                if key not in columns:
+                    columns.append(key)
+        return columns, [[r.get(c) for c in columns] for r in records]
+    raise ToolFailure(f"unknown format {fmt!r}: use csv, json or jsonl")
+
+
+def file_format(path: Path, fmt: str | None = None) -> str:
+    fmt = (fmt or path.suffix.lstrip(".")).lower()
+    fmt = {"ndjson": "jsonl", "pq": "parquet"}.get(fmt, fmt)
+    if fmt not in ("csv", "json", "jsonl", "parquet"):
+        raise ToolFailure(
+            f"cannot tell the format of {path.name}: name it .csv, .json, .jsonl or .parquet"
+        )
+    return fmt
+
+
+# -- the tools -------------------------------------------------------------------
+
+class Tools:
+    """
+    The tools over one L{Session}.  C{read_only} refuses every tool that
+    writes; C{ephemeral_only} sessions have no persistent database.
+    """
+
+    def __init__(self, session: Session, read_only: bool = False, mode: str = "daemon",
+                 status_facts: Callable[[], dict[str, Any]] | None = None) -> None:
+        self.session = session
+        self.read_only = read_only
+        self.mode = mode
+        self._status_facts = status_facts or (lambda: {})
+        #: Databases attached with attach_database: alias -> path.
+        self._attachments: dict[str, str] = {}
+
+    # helpers
+
+    def _database(self, database: str | None, persist: bool | None = None) -> str:
+        if persist:
+            database = PERSISTENT_ALIAS
+        database = database or EPHEMERAL_ALIAS
+        if database == PERSISTENT_ALIAS and self.session.persistent_db is None:
+            raise ToolFailure("this session has no persistent database (--ephemeral-only)")
+        return database
+
+    def _refuse_writes(self, tool: str) -> None:
+        if self.read_only:
+            raise ToolFailure(f"{tool} writes, and the server runs with --read-only; "
+                              f"use query, query_data or query_file")
+
+    def _call(self, work: Callable[[Any], Any], retry: bool = False) -> defer.Deferred[Any]:
+        d = self.session.call(work, retry)
+        return d.addErrback(_explain)
+
+    # query / execute
+
+    def query(self, sql: str, database: str | None = None) -> defer.Deferred[dict[str, Any]]:
+        problem = read_only_problem(sql)
+        if problem:
+            return defer.fail(ToolFailure(problem + "; use execute for changes"))
+        db = self._database(database)
+
+        def work(conn: Any) -> dict[str, Any]:
+            with _search_path(conn, db):
+                return _fetch(conn, sql)
+
+        return self._call(work, retry=True)
+
+    def execute(self, sql: list[str] | str,
+                database: str | None = None) -> defer.Deferred[dict[str, Any]]:
+        self._refuse_writes("execute")
+        statements = [sql] if isinstance(sql, str) else list(sql)
+        if not statements:
+            raise ToolFailure("execute needs at least one statement")
+        for statement in statements:
+            if statement_count(statement) != 1:
+                raise ToolFailure("give each statement as its own list item")
+        db = self._database(database)
+
+        def work(conn: Any) -> dict[str, Any]:
+            affected = 0
+            with _search_path(conn, db), conn.transaction():
+                for statement in statements:
+                    affected += max(conn.execute(statement).rowcount, 0)
+            return {"statements": len(statements), "rows_affected": affected,
+                    "atomic": len(statements) > 1}
+
+        return self._call(work)
+
+    # describing
+
+    def describe(self, table: str | None = None,
+                 database: str | None = None) -> defer.Deferred[dict[str, Any]]:
+        db = self._database(database)
+
+        def work(conn: Any) -> dict[str, Any]:
+            if table is None:
+                return {"database": db, "tables": _tables(conn, db)}
+            cursor = conn.execute(f"SELECT * FROM {table_reference(table, db)} LIMIT 0")
+            count = conn.execute(f"SELECT count(*) FROM {table_reference(table, db)}").fetchone()[0]
+            return {"database": db, "table": table, "row_count": count,
+                    "columns": [{"name": c.name, "type": _type_name(conn, c.type_code)}
+                                for c in cursor.description]}
+
+        return self._call(work, retry=True)
+
+    def sample(self, table: str, n: int | None = None,
+               database: str | None = None) -> defer.Deferred[dict[str, Any]]:
+        db = self._database(database)
+        limit = max(1, min(int(n or 10), ROW_CAP))
+        return self.query(f"SELECT * FROM {table_reference(table, db)} LIMIT {limit}")
+
+    # loading
+
+    def load_data(self, table: str, data: str, format: str | None = None,
+                  mode: str | None = None, schema: dict[str, str] | None = None,
+                  database: str | None = None,
+                  persist: bool | None = None) -> defer.Deferred[dict[str, Any]]:
+        self._refuse_writes("load_data")
+        db = self._database(database, persist)
+        columns, rows = parse_records(data, format)
+        types = _column_types(columns, rows, schema)
+
+        def fill(conn: Any, target: str) -> None:
+            placeholders = ", ".join(["%s"] * len(columns))
+            with conn.cursor() as cursor:
+                cursor.executemany(
+                    f"INSERT INTO {target} VALUES ({placeholders})",
+                    [[_convert(v, t) for v, t in zip(row, types)] for row in rows],
+                )
+
+        return self._load(table, db, columns, types, fill, mode, source="inline data")
+
+    def load_file(self, table: str, path: str, mode: str | None = None,
+                  schema: dict[str, str] | None = None, json_extract_path: str | None = None,
+                  merge_key: Any = None, database: str | None = None,
+                  persist: bool | None = None,
+                  format: str | None = None) -> defer.Deferred[dict[str, Any]]:
+        self._refuse_writes("load_file")
+        if merge_key:
+            raise ToolFailure("merge_key is not supported yet; use mode append or replace")
+        db = self._database(database, persist)
+        source = _readable(path)
+        fmt = file_format(source, format)
+        if fmt == "parquet":
+            return self._load_parquet(table, db, source, mode)
+        if fmt == "csv":
+            columns, types = _csv_header_types(source, schema)
+
+            def fill(conn: Any, target: str) -> None:
+                conn.execute(f"COPY {target} FROM {quote_literal(str(source))} "
+                             f"WITH (FORMAT csv, HEADER)")
+        else:
+            columns, types = _json_header_types(source, schema, json_extract_path)
+
+            def fill(conn: Any, target: str) -> None:
+                placeholders = ", ".join(["%s"] * len(columns))
+                with conn.cursor() as cursor:
+                    for batch in _batches(_json_records(source, json_extract_path), BATCH):
+                        cursor.executemany(
+                            f"INSERT INTO {target} VALUES ({placeholders})",
+                            [[_convert(r.get(c), t) for c, t in zip(columns, types)]
+                             for r in batch],
+                        )
+
+        return self._load(table, db, columns, types, fill, mode, source=str(source))
+
+    def _load_parquet(self, table: str, db: str, source: Path,
+                      mode: str | None) -> defer.Deferred[dict[str, Any]]:
+        mode = _mode(mode)
+        final = table_reference(table, db)
+
+        def work(conn: Any) -> dict[str, Any]:
+            staging = table_reference(f"{table}__loading_{secrets.token_hex(4)}", db)
+            external = f"external({quote_literal(str(source))})"
+            try:
+                conn.execute(f"CREATE TABLE {staging} AS SELECT * FROM {external}")
+                rows = _swap_in(conn, staging, final, table, mode)
+            except BaseException:
+                conn.execute(f"DROP TABLE IF EXISTS {staging}")
+                raise
+            return {"table": table, "database": db, "rows_loaded": rows, "mode": mode,
+                    "source": str(source)}
+
+        return self._call(work)
+
+    def _load(self, table: str, db: str, columns: list[str], types: list[str],
+              fill: Callable[[Any, str], None], mode: str | None,
+              source: str) -> defer.Deferred[dict[str, Any]]:
+        """
+        Load into a staging table, then swap it in: a failed load leaves no
+        partial table (Hyper's DDL is not undone by ROLLBACK).
+        """
+        mode = _mode(mode)
+        final = table_reference(table, db)
+        definition = ", ".join(f"{quote_identifier(c)} {t}" for c, t in zip(columns, types))
+
+        def work(conn: Any) -> dict[str, Any]:
+            staging = table_reference(f"{table}__loading_{secrets.token_hex(4)}", db)
+            conn.execute(f"CREATE TABLE {staging} ({definition})")
+            try:
+                fill(conn, staging)
+                rows = _swap_in(conn, staging, final, table, mode)
+            except BaseException:
+                conn.execute(f"DROP TABLE IF EXISTS {staging}")
+                raise
+            return {"table": table, "database": db, "rows_loaded": rows, "mode": mode,
+                    "columns": dict(zip(columns, types)), "source": source}
+
+        return self._call(work)
+
+    # one-shot analysis
+
+    def query_data(self, data: str, sql: str, format: str | None = None,
+                   table_name: str | None = None,
+                   schema: dict[str, str] | None = None) -> defer.Deferred[dict[str, Any]]:
+        columns, rows = parse_records(data, format)
+        types = _column_types(columns, rows, schema)
+
+        def fill(conn: Any, target: str) -> None:
+            placeholders = ", ".join(["%s"] * len(columns))
+            with conn.cursor() as cursor:
+                cursor.executemany(f"INSERT INTO {target} VALUES ({placeholders})",
+                                   [[_convert(v, t) for v, t in zip(row, types)] for row in rows])
+
+        return self._one_shot(table_name or "data", columns, types, fill, sql)
+
+    def query_file(self, path: str, sql: str, table_name: str | None = None,
+                   schema: dict[str, str] | None = None,
+                   json_extract_path: str | None = None) -> defer.Deferred[dict[str, Any]]:
+        source = _readable(path)
+        fmt = file_format(source)
+        name = table_name or "data"
+        if fmt == "parquet":
+            return self._one_shot_select(
+                name, f"SELECT * FROM external({quote_literal(str(source))})", sql)
+        if fmt == "csv":
+            columns, types = _csv_header_types(source, schema)
+
+            def fill(conn: Any, target: str) -> None:
+                conn.execute(f"COPY {target} FROM {quote_literal(str(source))} "
+                             f"WITH (FORMAT csv, HEADER)")
+        else:
+            columns, types = _json_header_types(source, schema, json_extract_path)
+
+            def fill(conn: Any, target: str) -> None:
+                placeholders = ", ".join(["%s"] * len(columns))
+                with conn.cursor() as cursor:
+                    for batch in _batches(_json_records(source, json_extract_path), BATCH):
+                        cursor.executemany(
+                            f"INSERT INTO {target} VALUES ({placeholders})",
+                            [[_convert(r.get(c), t) for c, t in zip(columns, types)]
+                             for r in batch])
+
+        return self._one_shot(name, columns, types, fill, sql)
+
+    def _one_shot(self, name: str, columns: list[str], types: list[str],
+                  fill: Callable[[Any, str], None], sql: str) -> defer.Deferred[dict[str, Any]]:
+        problem = read_only_problem(sql)
+        if problem:
+            return defer.fail(ToolFailure(problem))
+        definition = ", ".join(f"{quote_identifier(c)} {t}" for c, t in zip(columns, types))
+
+        def work(conn: Any) -> dict[str, Any]:
+            target = quote_identifier(name)
+            conn.execute(f"CREATE TEMPORARY TABLE {target} ({definition})")
+            try:
+                fill(conn, target)
+                return _fetch(conn, sql)
+            finally:
+                conn.execute(f"DROP TABLE IF EXISTS {target}")
+
+        return self._call(work)
+
+    def _one_shot_select(self, name: str, select: str, sql: str) -> defer.Deferred[dict[str, Any]]:
+        problem = read_only_problem(sql)
+        if problem:
+            return defer.fail(ToolFailure(problem))
+
+        def work(conn: Any) -> dict[str, Any]:
+            target = quote_identifier(name)
+            conn.execute(f"CREATE TEMPORARY TABLE {target} AS {select}")
+            try:
+                return _fetch(conn, sql)
+            finally:
+                conn.execute(f"DROP TABLE IF EXISTS {target}")
+
+        return self._call(work)
+
+    # databases
+
+    def attach_database(self, alias: str, kind: str, path: str | None = None,
+                        writable: bool | None = None,
+                        on_missing: str | None = None) -> defer.Deferred[dict[str, Any]]:
+        if not IDENTIFIER.match(alias) or alias in (EPHEMERAL_ALIAS, PERSISTENT_ALIAS):
+            raise ToolFailure(f"alias {alias!r} must be a plain name other than "
+                              f"{EPHEMERAL_ALIAS!r} and {PERSISTENT_ALIAS!r}")
+        if kind not in ("file", "hyper"):
+            raise ToolFailure("kind must be 'file' (a .hyper file at path)")
+        if not path:
+            raise ToolFailure("attach_database needs path, the .hyper file")
+        if writable:
+            self._refuse_writes("a writable attach_database")
+        target = Path(os.path.abspath(os.path.expanduser(path)))
+        create = (on_missing or "error") == "create"
+        if not target.exists() and not create:
+            raise ToolFailure(f"{target} does not exist; pass on_missing='create' to make it")
+        if create and self.read_only:
+            self._refuse_writes("attach_database with on_missing='create'")
+
+        def work(conn: Any) -> dict[str, Any]:
+            if create:
+                conn.execute(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(str(target))}")
+            conn.execute(f"ATTACH DATABASE {quote_identifier(str(target))} AS "
+                         f"{quote_identifier(alias)}")
+            self._attachments[alias] = str(target)
+            return {"alias": alias, "path": str(target)}
+
+        return self._call(work)
+
+    def detach_database(self, alias: str) -> defer.Deferred[dict[str, Any]]:
+        if alias in (EPHEMERAL_ALIAS, PERSISTENT_ALIAS):
+            raise ToolFailure(f"{alias!r} belongs to the session and cannot be detached")
+
+        def work(conn: Any) -> dict[str, Any]:
+            conn.execute(f"DETACH DATABASE {quote_identifier(alias)}")
+            self._attachments.pop(alias, None)
+            return {"detached": alias}
+
+        return self._call(work)
+
+    def list_attached_databases(self) -> defer.Deferred[dict[str, Any]]:
+        found = [{"alias": EPHEMERAL_ALIAS, "path": str(self.session.ephemeral_db),
+                  "kind": "ephemeral"}]
+        if self.session.persistent_db is not None:
+            found.append({"alias": PERSISTENT_ALIAS, "path": str(self.session.persistent_db),
+                          "kind": "persistent"})
+        found += [{"alias": alias, "path": path, "kind": "attached"}
+                  for alias, path in sorted(self._attachments.items())]
+        return defer.succeed({"databases": found})
+
+    # export
+
+    def export(self, path: str, format: str, sql: str | None = None, table: str | None = None,
+               overwrite: bool | None = None, format_options: Any = None,
+               database: str | None = None) -> defer.Deferred[dict[str, Any]]:
+        if (sql is None) == (table is None):
+            raise ToolFailure("export takes either sql or table")
+        db = self._database(database)
+        select = sql if sql is not None else f"SELECT * FROM {table_reference(table, db)}"
+        problem = read_only_problem(select)
+        if problem:
+            raise ToolFailure(problem)
+        target = Path(os.path.abspath(os.path.expanduser(path)))
+        fmt = format.lower()
+        if fmt not in ("csv", "parquet", "hyper"):
+            raise ToolFailure("format must be csv, parquet or hyper")
+        if target.exists() and not overwrite:
+            raise ToolFailure(f"{target} exists; pass overwrite=true to replace it")
+        if not target.parent.is_dir():
+            raise ToolFailure(f"the folder {target.parent} does not exist")
+
+        def work(conn: Any) -> dict[str, Any]:
+            if target.exists():
+                target.unlink()
+            if fmt == "hyper":
+                alias = f"export_{secrets.token_hex(4)}"
+                conn.execute(f"CREATE DATABASE {quote_identifier(str(target))}")
+                conn.execute(f"ATTACH DATABASE {quote_identifier(str(target))} AS {alias}")
+                try:
+                    name = quote_identifier(table.split(".")[-1] if table else "result")
+                    conn.execute(f"CREATE TABLE {alias}.public.{name} AS {select}")
+                finally:
+                    conn.execute(f"DETACH DATABASE {alias}")
+            else:
+                options = "FORMAT csv, HEADER" if fmt == "csv" else "FORMAT parquet"
+                conn.execute(f"COPY ({select}) TO {quote_literal(str(target))} WITH ({options})")
+            return {"path": str(target), "format": fmt, "bytes": target.stat().st_size}
+
+        return self._call(work)
+
+    # about
+
+    def status(self) -> dict[str, Any]:
+        credentials = self.session.credentials
+        facts = {
+            "version": __version__,
+            "mode": self.mode,
+            "read_only": self.read_only,
+            "hyperd_endpoint": f"{credentials.host}:{credentials.port}" if credentials else None,
+            "ephemeral_db": str(self.session.ephemeral_db),
+            "persistent_db": str(self.session.persistent_db) if self.session.persistent_db
+            else None,
+        }
+        facts.update(self._status_facts())
+        return facts
+
+
+class _search_path:
+    """Point unqualified names at C{db} for one piece of work, then back at C{local}."""
+
+    def __init__(self, conn: Any, db: str) -> None:
+        self._conn, self._db = conn, db
+
+    def __enter__(self) -> None:
+        if self._db != EPHEMERAL_ALIAS:
+            self._conn.execute(f"SET schema_search_path = {quote_literal(self._db)}")
+
+    def __exit__(self, *exc: object) -> None:
+        if self._db != EPHEMERAL_ALIAS and not self._conn.closed:
+            self._conn.execute(f"SET schema_search_path = {quote_literal(EPHEMERAL_ALIAS)}")
+
+
+def _explain(failure: Any) -> Any:
+    """Turn a database error into a L{ToolFailure} with the message and a hint."""
+    import psycopg
+
+    error = failure.value
+    if isinstance(error, ToolFailure):
+        return failure
+    if isinstance(error, psycopg.Error):
+        message = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        hint = "check the SQL (Hyper speaks PostgreSQL's dialect)"
+        if isinstance(error, psycopg.errors.UndefinedTable):
+            hint = "list the tables with describe"
+        elif "does not exist" in message and "database" in message:
+            hint = "list the databases with list_attached_databases"
+        raise ToolFailure(f"{message} (hint: {hint})")
+    return failure
+
+
+def _mode(mode: str | None) -> str:
+    mode = (mode or "replace").lower()
+    if mode not in ("replace", "append"):
+        raise ToolFailure("mode must be replace or append")
+    return mode
+
+
+def _swap_in(conn: Any, staging: str, final: str, table: str, mode: str) -> int:
+    rows = conn.execute(f"SELECT count(*) FROM {staging}").fetchone()[0]
+    exists = _exists(conn, final)
+    if mode == "append" and exists:
+        conn.execute(f"INSERT INTO {final} SELECT * FROM {staging}")
+        conn.execute(f"DROP TABLE {staging}")
+    else:
+        if exists:
+            conn.execute(f"DROP TABLE {final}")
+        conn.execute(f"ALTER TABLE {staging} RENAME TO {quote_identifier(table.split('.')[-1])}")
+    return rows
+
+
+def _exists(conn: Any, reference: str) -> bool:
+    import psycopg
+
+    try:
+        conn.execute(f"SELECT 1 FROM {reference} LIMIT 0")
+    except psycopg.errors.UndefinedTable:
+        return False
+    return True
+
+
+def _tables(conn: Any, db: str) -> list[dict[str, Any]]:
+    prefix = quote_identifier(db)
+    rows = conn.execute(
+        f"SELECT c.relname FROM {prefix}.pg_catalog.pg_class c "
+        f"JOIN {prefix}.pg_catalog.pg_namespace n ON c.relnamespace = n.oid "
+        f"WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY c.relname"
+    ).fetchall()
+    tables = []
+    for (name,) in rows:
+        cursor = conn.execute(f"SELECT * FROM {prefix}.public.{quote_identifier(name)} LIMIT 0")
+        tables.append({"table": name,
+                       "columns": [{"name": c.name, "type": _type_name(conn, c.type_code)}
+                                   for c in cursor.description]})
+    return tables
+
+
+def _type_name(conn: Any, oid: int) -> str:
+    info = conn.adapters.types.get(oid)
+    return info.name if info is not None else f"oid {oid}"
+
+
+def _fetch(conn: Any, sql: str) -> dict[str, Any]:
+    cursor = conn.execute(sql)
+    columns = [c.name for c in cursor.description or []]
+    rows = cursor.fetchmany(ROW_CAP + 1) if cursor.description else []
+    total = len(rows)
+    if total > ROW_CAP:
+        total += len(cursor.fetchall())
+    return shape_result(columns, rows, total)
+
+
+def _readable(path: str) -> Path:
+    source = Path(os.path.abspath(os.path.expanduser(path)))
+    if not source.is_file():
+        raise ToolFailure(f"{source} is not a readable file; check the path")
+    if not os.access(source, os.R_OK):
+        raise ToolFailure(f"{source} cannot be read; check its permissions")
+    return source
+
+
+def _column_types(columns: list[str], rows: list[list[Any]],
+                  schema: dict[str, str] | None) -> list[str]:
+    schema = schema or {}
+    sample = rows[:INFER_ROWS]
+    return [schema.get(c) or infer_type(r[i] for r in sample) for i, c in enumerate(columns)]
+
+
+def _csv_header_types(source: Path, schema: dict[str, str] | None) -> tuple[list[str], list[str]]:
+    with open(source, newline="", encoding="utf-8", errors="replace") as f:
+        reader = csv.reader(f)
+        try:
+            header = [h.strip() for h in next(reader)]
+        except StopIteration:
+            raise ToolFailure(f"{source} is empty") from None
+        sample = [row for _, row in zip(range(INFER_ROWS), reader) if row]
+    if not header or any(not h for h in header):
+        raise ToolFailure(f"{source} has an empty column name in its header")
+    return header, _column_types(header, sample, schema)
+
+
+def _json_records(source: Path, extract: str | None) -> Iterator[dict[str, Any]]:
+    """Records of a JSON array (read whole) or JSON lines (streamed)."""
+    with open(source, encoding="utf-8") as f:
+        first = f.read(1)
+        while first and first.isspace():
+            first = f.read(1)
+        f.seek(0)
+        try:
+            if first == "[" or (first == "{" and extract):
+                data = json.load(f)
+                for key in (extract.split(".") if extract else []):
+                    data = data[key]
+                if not isinstance(data, list):
+                    raise ToolFailure("the JSON is not an array of objects")
+                yield from data
+            else:
+                for line in f:
+                    if line.strip():
+                        yield json.loads(line)
+        except (ValueError, KeyError, TypeError) as e:
+            raise ToolFailure(f"{source} is not the JSON expected: {e}") from None
+
+
+def _json_header_types(source: Path, schema: dict[str, str] | None,
+                       extract: str | None) -> tuple[list[str], list[str]]:
+    sample = [r for _, r in zip(range(INFER_ROWS), _json_records(source, extract))]
+    if not sample or not all(isinstance(r, dict) for r in sample):
+        raise ToolFailure(f"{source} holds no JSON objects")
+    columns: list[str] = []
+    for record in sample:
+        for key in record:
+            if key not in columns:
+                columns.append(key)
+    rows = [[r.get(c) for c in columns] for r in sample]
+    return columns, _column_types(columns, rows, schema)
+
+
+def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
+    batch: list[Any] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
