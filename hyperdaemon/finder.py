@@ -179,7 +179,8 @@ class Finder:
             return False
         if isinstance(pid, int):
             wait_pid_gone(pid, TAKEOVER_TIMEOUT)
-        return wait_port_free(address.port, TAKEOVER_TIMEOUT)
+        return wait_port_free(address.port, TAKEOVER_TIMEOUT,
+                              pid if isinstance(pid, int) else None)
 
     def spawn(self, pinned: int | None = None) -> str:
         """

@@ -187,15 +187,24 @@ def run(options: dict[str, Any]) -> int:
     outcome = {"code": 1}
 
     async def main() -> None:
+        import asyncio
+
         from .session import Session
         from .tools import Tools
 
-        session = await _as_future(Session.open(
+        opening = _as_future(Session.open(
             reactor, name=options.get("name") or "hyperdb-mcp",
             persistent_db=options.get("persistent_db"),
             ephemeral_only=bool(options.get("ephemeral_only")),
             no_daemon=bool(options.get("no_daemon")),
         ))
+        try:
+            session = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            # A signal while opening: finish opening, so that we can close.
+            session = await opening
+            await _as_future(session.close())
+            raise
         try:
             def facts() -> dict[str, Any]:
                 address = getattr(session._source, "address", None)
@@ -214,8 +223,10 @@ def run(options: dict[str, Any]) -> int:
 
     def start() -> None:
         task = loop.create_task(main())
+        # Not loop.add_signal_handler: it would take over the wakeup fd that
+        # Twisted's SIGCHLD handling (the private hyperd's exit) relies on.
         for signum in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(signum, task.cancel)
+            signal.signal(signum, lambda *_: loop.call_soon_threadsafe(task.cancel))
 
         def done(finished: asyncio.Task[None]) -> None:
             if finished.cancelled():
@@ -227,7 +238,10 @@ def run(options: dict[str, Any]) -> int:
         task.add_done_callback(done)
 
     reactor.callWhenRunning(start)
-    reactor.run(installSignalHandlers=False)
+    # Twisted's handlers are needed for SIGCHLD (a private hyperd's exit);
+    # start() then replaces its SIGTERM/SIGINT ones, so that a signal closes
+    # the session before the reactor stops.
+    reactor.run(installSignalHandlers=True)
     sys.stdout.flush()
     sys.stderr.flush()
     # The SDK reads stdin in a thread that would keep the process alive.

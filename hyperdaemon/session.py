@@ -323,7 +323,7 @@ class DaemonLink:
             return
         self._protocol = protocol
         if self._legacy:
-            self._daemon_cleans = False
+            self.daemon_cleans_up = False
             self._read_discovery()
             return
         self._register(protocol, self._ephemeral)
@@ -339,6 +339,9 @@ class DaemonLink:
                 self._register(protocol, None)
                 return
             self.daemon_cleans_up = line.startswith("OK ") and ephemeral is not None
+            if line.startswith("ERR") and self._credentials.value is None:
+                self._credentials.fail(SessionError(f"the daemon refused the session: {line[4:]}"))
+                return
             self._ready_reply(line)
 
         protocol.ask("SESSION " + json.dumps(fields)).addCallbacks(reply, lambda _: None)
@@ -437,7 +440,9 @@ def default_persistent_db(environ: dict[str, str] | None = None) -> Path:
     environ = dict(os.environ if environ is None else environ)
     if environ.get("HYPERDB_PERSISTENT_DB", "").strip():
         return Path(os.path.abspath(os.path.expanduser(environ["HYPERDB_PERSISTENT_DB"])))
-    data = environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    data = environ.get("XDG_DATA_HOME", "").strip()
+    if not data or not os.path.isabs(data):  # the XDG spec ignores relative paths
+        data = os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(data) / "hyperdb" / "workspace.hyper"
 
 
@@ -516,6 +521,17 @@ class Session:
             from twisted.internet import reactor as global_reactor
 
             reactor = global_reactor
+        try:
+            return cls._start(reactor, name, persistent_db, ephemeral_only, no_daemon,
+                              state_dir, port, environ, finder)
+        except Exception:
+            return defer.fail()
+
+    @classmethod
+    def _start(cls, reactor: Any, name: str | None,
+               persistent_db: str | os.PathLike[str] | None, ephemeral_only: bool,
+               no_daemon: bool, state_dir: str | None, port: str | int | None,
+               environ: dict[str, str] | None, finder: Finder | None) -> defer.Deferred["Session"]:
         environ = dict(os.environ if environ is None else environ)
         if finder is None:
             finder = Finder.from_environment(state_dir, port, environ)
@@ -533,8 +549,10 @@ class Session:
     @classmethod
     async def _open(cls, reactor: Any, source: HyperdSource,
                     persistent: Path | None) -> "Session":
+        from .discovery import prepare_state_dir
+
         root = source.sessions_root
-        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        prepare_state_dir(root.parent)
         # A private folder, made exclusively, named for our pid so that a
         # daemon can tell when its owner is gone.
         folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
@@ -585,7 +603,10 @@ class Session:
             if self.persistent_db is not None:
                 self.persistent_db.parent.mkdir(parents=True, exist_ok=True)
                 persistent = _quote(str(self.persistent_db))
-                connection.execute(f"CREATE DATABASE IF NOT EXISTS {persistent}")
+                try:
+                    connection.execute(f"CREATE DATABASE IF NOT EXISTS {persistent}")
+                except psycopg.errors.ObjectInUse:
+                    pass  # another session is creating it right now
                 connection.execute(f"ATTACH DATABASE {persistent} AS {PERSISTENT_ALIAS}")
             connection.execute(f"SET schema_search_path = '{EPHEMERAL_ALIAS}'")
         except BaseException:
