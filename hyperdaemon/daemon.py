@@ -168,6 +168,7 @@ class DaemonService(MultiService):
         self._ready_fd = settings.ready_fd
         self._ready_waiters: list[defer.Deferred[dict[str, Any]]] = []
         self._cleanups: set[defer.Deferred[None]] = set()
+        self._leftovers: list[Session] = []
 
     # -- lifetime -----------------------------------------------------------
 
@@ -261,7 +262,7 @@ class DaemonService(MultiService):
         # With hyperd gone, nothing has the sessions' databases open.
         if self._cleanups:
             await defer.DeferredList(list(self._cleanups))
-        for session in self.sessions:
+        for session in [*self.sessions, *self._leftovers]:
             if session.ephemeral_db:
                 remove_session_folder(Path(session.ephemeral_db).parent)
         if remove_record_if_owned(self.settings.state_dir, os.getpid(), self.settings.port):
@@ -357,7 +358,10 @@ class DaemonService(MultiService):
             return
         _log.info("session {id} ended{how} (pid {pid})", id=session.id, pid=session.pid,
                   how="" if clean else " without goodbye")
-        if session.ephemeral_db and not clean and not self._shutting_down:
+        if session.ephemeral_db and not clean and self._shutting_down:
+            # hyperd is going down: its folder goes once hyperd has stopped.
+            self._leftovers.append(session)
+        elif session.ephemeral_db and not clean:
             cleanup = defer.ensureDeferred(self._drop_ephemeral(session))
             self._cleanups.add(cleanup)
             cleanup.addBoth(lambda _: self._cleanups.discard(cleanup))

@@ -273,6 +273,7 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
 
     def cmd_BYE(self, argument: str) -> str:
         self._end_session(clean=True)
+        self.setTimeout(self.timeOut)  # an ordinary connection again
         return "OK"
 
 

@@ -632,8 +632,8 @@ class Session:
             self._report_and_reconnect()
             if not retry:
                 raise SessionError(
-                    "hyperd went away during the statement, which did not complete; "
-                    "the session has reconnected: run it again"
+                    "hyperd went away during the statement, which may not have completed; "
+                    "the session has reconnected: check, then run it again if needed"
                 ) from None
             return work(self._connection)
 
