@@ -349,17 +349,7 @@ class Tools:
                   persist: bool | None = None) -> defer.Deferred[dict[str, Any]]:
         self._refuse_writes("load_data")
         db = self._database(database, persist)
-        columns, rows = parse_records(data, format)
-        types = _column_types(columns, rows, schema)
-
-        def fill(conn: Any, target: str) -> None:
-            placeholders = ", ".join(["%s"] * len(columns))
-            with conn.cursor() as cursor:
-                cursor.executemany(
-                    f"INSERT INTO {target} VALUES ({placeholders})",
-                    [[_convert(v, t) for v, t in zip(row, types)] for row in rows],
-                )
-
+        columns, types, fill = _inline_loader(data, format, schema)
         return self._load(table, db, columns, types, fill, mode, source="inline data")
 
     def load_file(self, table: str, path: str, mode: str | None = None,
@@ -375,25 +365,7 @@ class Tools:
         fmt = file_format(source, format)
         if fmt == "parquet":
             return self._load_parquet(table, db, source, mode)
-        if fmt == "csv":
-            columns, types = _csv_header_types(source, schema)
-
-            def fill(conn: Any, target: str) -> None:
-                conn.execute(f"COPY {target} FROM {quote_literal(str(source))} "
-                             f"WITH (FORMAT csv, HEADER)")
-        else:
-            columns, types = _json_header_types(source, schema, json_extract_path)
-
-            def fill(conn: Any, target: str) -> None:
-                placeholders = ", ".join(["%s"] * len(columns))
-                with conn.cursor() as cursor:
-                    for batch in _batches(_json_records(source, json_extract_path), BATCH):
-                        cursor.executemany(
-                            f"INSERT INTO {target} VALUES ({placeholders})",
-                            [[_convert(r.get(c), t) for c, t in zip(columns, types)]
-                             for r in batch],
-                        )
-
+        columns, types, fill = _file_loader(source, fmt, schema, json_extract_path)
         return self._load(table, db, columns, types, fill, mode, source=str(source))
 
     def _load_parquet(self, table: str, db: str, source: Path,
@@ -445,15 +417,7 @@ class Tools:
     def query_data(self, data: str, sql: str, format: str | None = None,
                    table_name: str | None = None,
                    schema: dict[str, str] | None = None) -> defer.Deferred[dict[str, Any]]:
-        columns, rows = parse_records(data, format)
-        types = _column_types(columns, rows, schema)
-
-        def fill(conn: Any, target: str) -> None:
-            placeholders = ", ".join(["%s"] * len(columns))
-            with conn.cursor() as cursor:
-                cursor.executemany(f"INSERT INTO {target} VALUES ({placeholders})",
-                                   [[_convert(v, t) for v, t in zip(row, types)] for row in rows])
-
+        columns, types, fill = _inline_loader(data, format, schema)
         return self._one_shot(table_name or "data", columns, types, fill, sql)
 
     def query_file(self, path: str, sql: str, table_name: str | None = None,
@@ -465,24 +429,7 @@ class Tools:
         if fmt == "parquet":
             return self._one_shot_select(
                 name, f"SELECT * FROM external({quote_literal(str(source))})", sql)
-        if fmt == "csv":
-            columns, types = _csv_header_types(source, schema)
-
-            def fill(conn: Any, target: str) -> None:
-                conn.execute(f"COPY {target} FROM {quote_literal(str(source))} "
-                             f"WITH (FORMAT csv, HEADER)")
-        else:
-            columns, types = _json_header_types(source, schema, json_extract_path)
-
-            def fill(conn: Any, target: str) -> None:
-                placeholders = ", ".join(["%s"] * len(columns))
-                with conn.cursor() as cursor:
-                    for batch in _batches(_json_records(source, json_extract_path), BATCH):
-                        cursor.executemany(
-                            f"INSERT INTO {target} VALUES ({placeholders})",
-                            [[_convert(r.get(c), t) for c, t in zip(columns, types)]
-                             for r in batch])
-
+        columns, types, fill = _file_loader(source, fmt, schema, json_extract_path)
         return self._one_shot(name, columns, types, fill, sql)
 
     def _one_shot(self, name: str, columns: list[str], types: list[str],
@@ -785,6 +732,53 @@ def _json_header_types(source: Path, schema: dict[str, str] | None,
                 columns.append(key)
     rows = [[r.get(c) for c in columns] for r in sample]
     return columns, _column_types(columns, rows, schema)
+
+
+#: Fills a freshly created table (its quoted name given) with a source's rows.
+Filler = Callable[[Any, str], None]
+
+
+def _inserter(columns: list[str], types: list[str],
+              rows: Callable[[], Iterable[list[Any]]]) -> Filler:
+    placeholders = ", ".join(["%s"] * len(columns))
+
+    def fill(conn: Any, target: str) -> None:
+        with conn.cursor() as cursor:
+            for batch in _batches(rows(), BATCH):
+                cursor.executemany(
+                    f"INSERT INTO {target} VALUES ({placeholders})",
+                    [[_convert(v, t) for v, t in zip(row, types)] for row in batch],
+                )
+
+    return fill
+
+
+def _inline_loader(data: str, fmt: str | None,
+                   schema: dict[str, str] | None) -> tuple[list[str], list[str], Filler]:
+    """Columns, types and a filler for inline CSV/JSON data."""
+    columns, rows = parse_records(data, fmt)
+    types = _column_types(columns, rows, schema)
+    return columns, types, _inserter(columns, types, lambda: rows)
+
+
+def _file_loader(source: Path, fmt: str, schema: dict[str, str] | None,
+                 extract: str | None) -> tuple[list[str], list[str], Filler]:
+    """
+    Columns, types and a filler for a CSV (loaded by hyperd itself with
+    COPY, streamed) or JSON/JSON-lines file (read in batches).
+    """
+    if fmt == "csv":
+        columns, types = _csv_header_types(source, schema)
+
+        def copy(conn: Any, target: str) -> None:
+            conn.execute(f"COPY {target} FROM {quote_literal(str(source))} "
+                         f"WITH (FORMAT csv, HEADER)")
+
+        return columns, types, copy
+    columns, types = _json_header_types(source, schema, extract)
+    records = lambda: ([r.get(c) for c in columns]  # noqa: E731
+                       for r in _json_records(source, extract))
+    return columns, types, _inserter(columns, types, records)
 
 
 def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:

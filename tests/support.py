@@ -47,6 +47,35 @@ def free_port() -> int:
             return port
 
 
+async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
+    """L{wait_for} for trial tests: waits without blocking the reactor."""
+    from twisted.internet import reactor
+    from twisted.internet.task import deferLater
+
+    deadline = reactor.seconds() + timeout
+    while not (value := predicate()):
+        if reactor.seconds() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await deferLater(reactor, 0.02, lambda: None)
+    return value
+
+
+def client_environment(tmp_path: Path, ports: int = 3) -> tuple[Path, range, dict[str, str]]:
+    """
+    A client's world for one test: its state folder, a free port range, and
+    an environment pointing the daemon, the clients and the persistent
+    database there.
+    """
+    state = tmp_path / "state"
+    first, last = free_range(ports)
+    env = dict(
+        os.environ, HYPERDB_STATE_DIR=str(state),
+        HYPERDB_DAEMON_PORT_RANGE=f"{first}-{last}",
+        HYPERDB_PERSISTENT_DB=str(tmp_path / "persistent.hyper"),
+    )
+    return state, range(first, last + 1), env
+
+
 def free_range(count: int) -> tuple[int, int]:
     """C{count} consecutive ports that nothing listens on now."""
     import random

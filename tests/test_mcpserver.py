@@ -18,7 +18,7 @@ from typing import Any, AsyncIterator
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
-from support import QUICK, READY_TIMEOUT, free_range, status, stop_daemon_on, wait_for
+from support import QUICK, READY_TIMEOUT, client_environment, status, stop_daemon_on, wait_for
 
 UPSTREAM_TOOLS = {
     "query", "execute", "load_data", "load_file", "query_data", "query_file", "describe",
@@ -33,14 +33,7 @@ class McpTestCase(SynchronousTestCase):
     @pytest.fixture(autouse=True)
     def _tmp(self, tmp_path: Path) -> None:
         self.tmp = tmp_path
-        self.state = tmp_path / "state"
-        first, last = free_range(3)
-        self.ports = range(first, last + 1)
-        self.env = dict(
-            os.environ, HYPERDB_STATE_DIR=str(self.state),
-            HYPERDB_DAEMON_PORT_RANGE=f"{first}-{last}",
-            HYPERDB_PERSISTENT_DB=str(tmp_path / "persistent.hyper"),
-        )
+        self.state, self.ports, self.env = client_environment(tmp_path)
         self.addCleanup(stop_daemon_on, self.ports)
         self.csv = tmp_path / "cities.csv"
         self.csv.write_text(CSV)

@@ -23,10 +23,11 @@ from hyperdaemon.config import PortChoice
 from hyperdaemon.finder import Finder, parse_version, should_take_over
 from hyperdaemon.session import HeartbeatDebouncer, Session, heartbeat_delay
 from support import (
+    until,
     QUICK,
     READY_TIMEOUT,
     children_of,
-    free_range,
+    client_environment,
     pid_alive,
     status,
     stop_daemon_on,
@@ -34,15 +35,6 @@ from support import (
 )
 
 CLIENT = Path(__file__).with_name("client_program.py")
-
-
-async def until(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = reactor.seconds() + timeout
-    while not (value := predicate()):
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
-    return value
 
 
 class DecisionTests(SynchronousTestCase):
@@ -107,14 +99,7 @@ class ClientTestCase(TestCase):
     @pytest.fixture(autouse=True)
     def _tmp(self, tmp_path: Path) -> None:
         self.tmp = tmp_path
-        self.state = tmp_path / "state"
-        first, last = free_range(3)
-        self.ports = range(first, last + 1)
-        self.env = dict(
-            os.environ, HYPERDB_STATE_DIR=str(self.state),
-            HYPERDB_DAEMON_PORT_RANGE=f"{first}-{last}",
-            HYPERDB_PERSISTENT_DB=str(tmp_path / "persistent.hyper"),
-        )
+        self.state, self.ports, self.env = client_environment(tmp_path)
         self.addCleanup(stop_daemon_on, self.ports)
 
     async def open(self, **kwargs: Any) -> Session:

@@ -18,17 +18,7 @@ from twisted.trial.unittest import TestCase
 
 from hyperdaemon.config import hyperd_executable
 from hyperdaemon.supervisor import HyperdInstance, HyperdSupervisor, RestartBudget
-from support import pid_alive
-
-
-async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Wait (without blocking the reactor) until C{predicate()} is true."""
-    deadline = reactor.seconds() + timeout
-    while not (value := predicate()):
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await deferLater(reactor, 0.02, lambda: None)
-    return value
+from support import pid_alive, until
 
 
 def query(instance: HyperdInstance) -> Any:
