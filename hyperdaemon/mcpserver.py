@@ -198,6 +198,10 @@ def run(options: dict[str, Any]) -> int:
             ephemeral_only=bool(options.get("ephemeral_only")),
             no_daemon=bool(options.get("no_daemon")),
         ))
+        # The SDK takes about a second to import: do it while the session
+        # opens (the daemon, if it must be spawned, starts in its own process).
+        import mcp.server.mcpserver  # noqa: F401
+
         try:
             session = await asyncio.shield(opening)
         except asyncio.CancelledError:
