@@ -1,0 +1,102 @@
+"""
+MCP servers (ours: C{python -m hyperdaemon}; theirs: C{hyperdb-mcp}) driven
+over stdio with the SDK's own client, as an assistant would: start the
+server, C{initialize}, call the C{query} tool with C{SELECT 1}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+from .procs import BenchError, parent_of, pids_with_env
+
+#: Bound for one server to start and answer.
+SERVER_TIMEOUT = 120.0
+TAG = "HYPERDAEMON_BENCHMARK_SERVER"
+
+
+async def _query(session: Any) -> None:
+    result = await session.call_tool("query", {"sql": "SELECT 1"})
+    if result.is_error:
+        text = result.content[0].text if result.content else ""
+        raise BenchError(f"the query tool failed: {text}")
+
+
+def _params(command: str, args: list[str], env: dict[str, str]) -> Any:
+    from mcp.client.stdio import StdioServerParameters
+
+    return StdioServerParameters(command=command, args=args, env=env)
+
+
+def time_first_query(command: str, args: list[str], env: dict[str, str], errlog: Path) -> float:
+    """Seconds from starting the server to the result of its first C{query}."""
+    from mcp.client.session import ClientSession
+    from mcp.client.stdio import stdio_client
+
+    async def go() -> float:
+        with open(errlog, "a") as log:
+            start = time.perf_counter()
+            async with stdio_client(_params(command, args, env), errlog=log) as (read, write):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    await _query(session)
+                    return time.perf_counter() - start
+
+    return asyncio.run(asyncio.wait_for(go(), SERVER_TIMEOUT))
+
+
+def hold_servers(command: str, args: list[str], envs: list[dict[str, str]], errlog: Path,
+                 measure: Callable[[list[int]], Any]) -> Any:
+    """
+    Start one server per environment at once; once each has answered a
+    C{query}, call C{measure} with the servers' pids, then close them all.
+    """
+    from mcp.client.session import ClientSession
+    from mcp.client.stdio import stdio_client
+
+    tags = [uuid.uuid4().hex for _ in envs]
+
+    async def one(env: dict[str, str], ready: asyncio.Event, release: asyncio.Event) -> None:
+        with open(errlog, "a") as log:
+            async with stdio_client(_params(command, args, env), errlog=log) as (read, write):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    await _query(session)
+                    ready.set()
+                    await release.wait()
+
+    async def go() -> Any:
+        release = asyncio.Event()
+        readies = [asyncio.Event() for _ in envs]
+        servers = [asyncio.create_task(one(dict(env, **{TAG: tag}), ready, release))
+                   for env, tag, ready in zip(envs, tags, readies)]
+        all_ready = asyncio.ensure_future(asyncio.gather(*(r.wait() for r in readies)))
+        try:
+            done, _ = await asyncio.wait([all_ready, *servers], timeout=SERVER_TIMEOUT,
+                                         return_when=asyncio.FIRST_COMPLETED)
+            if all_ready not in done:
+                for task in done:
+                    task.result()  # a server that ended early: its error
+                raise BenchError(f"{len(envs)} MCP servers were not all ready "
+                                 f"within {SERVER_TIMEOUT:g} s")
+            pids = []
+            for tag in tags:
+                # The server's children (a private hyperd) inherit the tag.
+                found = pids_with_env(TAG, tag)
+                found = [p for p in found if parent_of(p) not in found]
+                if len(found) != 1:
+                    raise BenchError(f"found {len(found)} processes for one MCP server")
+                pids.extend(found)
+            return measure(pids)
+        finally:
+            all_ready.cancel()
+            await asyncio.gather(all_ready, return_exceptions=True)
+            release.set()
+            await asyncio.wait_for(asyncio.gather(*servers, return_exceptions=True),
+                                   SERVER_TIMEOUT)
+
+    return asyncio.run(go())
