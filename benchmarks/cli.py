@@ -221,6 +221,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         for e in rec.errors:
             print(f"  {e['target']} measure {e['measure']} rep {e['rep'] + 1} ({e['what']}): "
                   f"{e['error']}")
+        if not args.keep_temp:
+            print("  (the logs named were removed with the temporary folders: run again with "
+                  "--keep-temp to keep them)")
 
     document = {"meta": meta, "figures": rows, "extras": rec.extras, "errors": rec.errors,
                 "leftover_processes": {str(k): v for k, v in leftovers.items()}}

@@ -16,6 +16,8 @@ from .procs import BenchError, parent_of, pids_with_env
 
 #: Bound for one server to start and answer.
 SERVER_TIMEOUT = 120.0
+#: Bound for servers to close once released.
+CLOSE_TIMEOUT = 30.0
 TAG = "HYPERDAEMON_BENCHMARK_SERVER"
 
 
@@ -50,10 +52,12 @@ def time_first_query(command: str, args: list[str], env: dict[str, str], errlog:
 
 
 def hold_servers(command: str, args: list[str], envs: list[dict[str, str]], errlog: Path,
-                 measure: Callable[[list[int]], Any]) -> Any:
+                 measure: Callable[[list[int]], Any], first_alone: bool = False) -> Any:
     """
-    Start one server per environment at once; once each has answered a
-    C{query}, call C{measure} with the servers' pids, then close them all.
+    Start one server per environment at once (with C{first_alone}, the
+    first one, then once it has answered, all the others); once each has
+    answered a C{query}, call C{measure} with the servers' pids, then close
+    them all (cancelling any that will not close).
     """
     from mcp.client.session import ClientSession
     from mcp.client.stdio import stdio_client
@@ -69,11 +73,7 @@ def hold_servers(command: str, args: list[str], envs: list[dict[str, str]], errl
                     ready.set()
                     await release.wait()
 
-    async def go() -> Any:
-        release = asyncio.Event()
-        readies = [asyncio.Event() for _ in envs]
-        servers = [asyncio.create_task(one(dict(env, **{TAG: tag}), ready, release))
-                   for env, tag, ready in zip(envs, tags, readies)]
+    async def started(servers: list[asyncio.Task[None]], readies: list[asyncio.Event]) -> None:
         all_ready = asyncio.ensure_future(asyncio.gather(*(r.wait() for r in readies)))
         try:
             done, _ = await asyncio.wait([all_ready, *servers], timeout=SERVER_TIMEOUT,
@@ -81,8 +81,23 @@ def hold_servers(command: str, args: list[str], envs: list[dict[str, str]], errl
             if all_ready not in done:
                 for task in done:
                     task.result()  # a server that ended early: its error
-                raise BenchError(f"{len(envs)} MCP servers were not all ready "
+                raise BenchError(f"{len(servers)} MCP server(s) did not answer a query "
                                  f"within {SERVER_TIMEOUT:g} s")
+        finally:
+            all_ready.cancel()
+            await asyncio.gather(all_ready, return_exceptions=True)
+
+    async def go() -> Any:
+        release = asyncio.Event()
+        readies = [asyncio.Event() for _ in envs]
+        servers: list[asyncio.Task[None]] = []
+        batches = [range(0, 1), range(1, len(envs))] if first_alone else [range(len(envs))]
+        try:
+            for batch in batches:
+                new = [asyncio.create_task(one(dict(envs[i], **{TAG: tags[i]}), readies[i],
+                                               release)) for i in batch]
+                servers.extend(new)
+                await started(new, [readies[i] for i in batch])
             pids = []
             for tag in tags:
                 # The server's children (a private hyperd) inherit the tag.
@@ -93,10 +108,11 @@ def hold_servers(command: str, args: list[str], envs: list[dict[str, str]], errl
                 pids.extend(found)
             return measure(pids)
         finally:
-            all_ready.cancel()
-            await asyncio.gather(all_ready, return_exceptions=True)
             release.set()
-            await asyncio.wait_for(asyncio.gather(*servers, return_exceptions=True),
-                                   SERVER_TIMEOUT)
+            if servers:
+                _, stuck = await asyncio.wait(servers, timeout=CLOSE_TIMEOUT)
+                for task in stuck:  # cancelling the client ends its server process
+                    task.cancel()
+                await asyncio.gather(*servers, return_exceptions=True)
 
     return asyncio.run(go())

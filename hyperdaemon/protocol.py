@@ -179,8 +179,10 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
             return
         command, _, argument = text.strip().partition(" ")
         if command == "PING":
-            # Anyone may identify the daemon; only its user keeps it awake.
-            if self._is_allowed():
+            # Anyone may identify the daemon, and a PING alone does not look
+            # the peer up (the hot path of every scan); it counts as activity
+            # once the peer is known to be this daemon's user.
+            if self._allowed:
                 self._target.touch()
         elif not self._is_allowed():
             self.sendLine(b"ERR forbidden")

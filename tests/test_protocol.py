@@ -160,7 +160,7 @@ class CommandTests(HealthProtocolTestsMixin, SynchronousTestCase):
 
     def test_each_accepted_command_touches_target_once(self) -> None:
         proto, transport = self.connect()
-        self.exchange(proto, transport, b"PING\nHEARTBEAT\nSTATUS\nREPORT_HYPERD_ERROR\n")
+        self.exchange(proto, transport, b"HEARTBEAT\nSTATUS\nREPORT_HYPERD_ERROR\nPING\n")
         self.assertEqual(self.target.calls.count("touch"), 4)
 
     def test_unknown_command_replies_err_and_connection_stays_usable(self) -> None:
@@ -319,20 +319,27 @@ class AuthorizationTests(HealthProtocolTestsMixin, SynchronousTestCase):
         self.exchange(proto, transport, b"STOP\nNOPE\n")
         self.assertEqual(len(self.authorize.consulted), 1)
 
-    def test_pings_consult_authorize_once(self) -> None:
+    def test_ping_does_not_consult_authorize(self) -> None:
         proto, transport = self.connect()
         self.exchange(proto, transport, b"PING\nPING\n")
-        self.assertEqual(self.authorize.consulted, [transport])
+        self.assertEqual(self.authorize.consulted, [])
 
     def test_refused_peers_ping_does_not_keep_the_daemon_awake(self) -> None:
         proto, transport = self.connect(allowed=False)
-        self.exchange(proto, transport, b"PING\nPING\n")
+        self.exchange(proto, transport, b"STATUS\nPING\nPING\n")
         self.assertEqual(self.target.calls, [])
 
-    def test_allowed_peers_ping_counts_as_activity(self) -> None:
+    def test_a_known_users_ping_counts_as_activity(self) -> None:
         proto, transport = self.connect(allowed=True)
+        self.exchange(proto, transport, b"HEARTBEAT\n")
+        self.target.calls.clear()
         self.exchange(proto, transport, b"PING\n")
         self.assertEqual(self.target.calls, ["touch"])
+
+    def test_a_lone_ping_is_no_activity(self) -> None:
+        proto, transport = self.connect(allowed=True)
+        self.exchange(proto, transport, b"PING\n")
+        self.assertEqual(self.target.calls, [])
 
     def test_each_connection_is_authorized_on_its_own(self) -> None:
         proto1, transport1 = self.connect()
