@@ -446,6 +446,25 @@ def default_persistent_db(environ: dict[str, str] | None = None) -> Path:
     return Path(data) / "hyperdb" / "workspace.hyper"
 
 
+class _turn:
+    """An exclusive lock on a file (flock), held for a block; blocks: worker threads only."""
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        import fcntl
+
+        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
@@ -560,7 +579,7 @@ class Session:
         session._pool.start()
         try:
             session.credentials = await source.start(session.ephemeral_db)
-            await session._in_worker(session._connect)
+            await session._in_worker(session._first_connect)
         except BaseException:
             await session.close()
             raise
@@ -570,6 +589,18 @@ class Session:
 
     def _in_worker(self, work: Callable[..., Any], *args: Any) -> defer.Deferred[Any]:
         return deferToThreadPool(self._reactor, self._pool, work, *args)
+
+    def _first_connect(self) -> None:
+        """L{_connect}, again if hyperd is replaced while we attach."""
+        import psycopg
+
+        for attempt in range(CONNECT_ATTEMPTS):
+            try:
+                return self._connect()
+            except psycopg.OperationalError:
+                if attempt == CONNECT_ATTEMPTS - 1:
+                    raise
+                blockingCallFromThread(self._reactor, self._report_error)
 
     def _connect(self) -> None:
         """(Re)connect to the current hyperd and attach our databases."""
@@ -603,11 +634,14 @@ class Session:
             if self.persistent_db is not None:
                 self.persistent_db.parent.mkdir(parents=True, exist_ok=True)
                 persistent = _quote(str(self.persistent_db))
-                try:
-                    connection.execute(f"CREATE DATABASE IF NOT EXISTS {persistent}")
-                except psycopg.errors.ObjectInUse:
-                    pass  # another session is creating it right now
-                connection.execute(f"ATTACH DATABASE {persistent} AS {PERSISTENT_ALIAS}")
+                # Sessions creating and attaching a new persistent database at
+                # the same moment can wedge hyperd: take turns.
+                with _turn(self.persistent_db.parent / ".hyperdb-attach.lock"):
+                    try:
+                        connection.execute(f"CREATE DATABASE IF NOT EXISTS {persistent}")
+                    except psycopg.errors.ObjectInUse:
+                        pass  # another session is creating it right now
+                    connection.execute(f"ATTACH DATABASE {persistent} AS {PERSISTENT_ALIAS}")
             connection.execute(f"SET schema_search_path = '{EPHEMERAL_ALIAS}'")
         except BaseException:
             connection.close()
