@@ -388,7 +388,8 @@ class DaemonService(MultiService):
             except Exception as e:
                 _log.warn("could not drop {path}: {error}", path=session.ephemeral_db, error=e)
                 break
-        remove_session_folder(folder)
+        await deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                remove_session_folder, folder)
         _log.info("removed the ephemeral database of session {id}", id=session.id)
 
     def status(self) -> dict[str, Any]:

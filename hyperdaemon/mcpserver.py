@@ -70,7 +70,7 @@ def _as_future(d: Any) -> Awaitable[Any]:
     return d.asFuture(asyncio.get_running_loop())
 
 
-def build_server(tools: Any, read_only: bool) -> Any:
+def build_server(tools: Any) -> Any:
     """The MCP server with every tool bound to C{tools} (a L{hyperdaemon.tools.Tools})."""
     from mcp.server.mcpserver import MCPServer
     from mcp.server.mcpserver.exceptions import ToolError
@@ -220,7 +220,7 @@ def run(options: dict[str, Any]) -> int:
             tools = Tools(session, read_only=bool(options.get("read_only")),
                           mode="private hyperd" if options.get("no_daemon") else "daemon",
                           status_facts=facts)
-            await build_server(tools, bool(options.get("read_only"))).run_stdio_async()
+            await build_server(tools).run_stdio_async()
             outcome["code"] = 0
         finally:
             await _as_future(session.close())

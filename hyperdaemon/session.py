@@ -254,9 +254,6 @@ class DaemonLink:
         self._protocol: _SessionProtocol | None = None
         self._credentials = _Awaited()
         self._legacy = False
-        #: Whether the daemon accepted our ephemeral database, and so will
-        #: remove it if this process dies.
-        self.daemon_cleans_up = False
         self._closing = False
         self.address: DaemonAddress | None = None
         self._heartbeats = HeartbeatDebouncer(reactor, heartbeat_interval, self._heartbeat)
@@ -323,7 +320,6 @@ class DaemonLink:
             return
         self._protocol = protocol
         if self._legacy:
-            self.daemon_cleans_up = False
             self._read_discovery()
             return
         self._register(protocol, self._ephemeral)
@@ -338,7 +334,6 @@ class DaemonLink:
                 _log.info("the daemon refused our ephemeral database ({line})", line=line)
                 self._register(protocol, None)
                 return
-            self.daemon_cleans_up = line.startswith("OK ") and ephemeral is not None
             if line.startswith("ERR") and self._credentials.value is None:
                 self._credentials.fail(SessionError(f"the daemon refused the session: {line[4:]}"))
                 return
@@ -697,23 +692,18 @@ class Session:
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> defer.Deferred[Result]:
         """Run one statement that returns rows; fires with a L{Result}."""
-        self._check_open()
-        self._source.activity()
-
         def work(connection: Any) -> Result:
             cursor = connection.execute(sql, params)
             columns = [c.name for c in cursor.description or []]
             return Result(columns, cursor.fetchall() if cursor.description else [])
 
-        return self._in_worker(self._run, work, True)
+        return self.call(work, retry=True)
 
     def execute(self, statements: str | Sequence[str]) -> defer.Deferred[int]:
         """
         Run one statement, or several atomically (in one transaction);
         fires with the number of rows affected (summed).
         """
-        self._check_open()
-        self._source.activity()
         batch = [statements] if isinstance(statements, str) else list(statements)
 
         def work(connection: Any) -> int:
@@ -726,7 +716,7 @@ class Session:
                     total += max(connection.execute(statement).rowcount, 0)
             return total
 
-        return self._in_worker(self._run, work, False)
+        return self.call(work)
 
     def call(self, work: Callable[[Any], Any], retry: bool = False) -> defer.Deferred[Any]:
         """
@@ -763,7 +753,7 @@ class Session:
         await self._source.close()
         if self._pool.started:
             await deferToThread(self._pool.stop)
-        shutil.rmtree(self.ephemeral_db.parent, ignore_errors=True)
+        await deferToThread(shutil.rmtree, self.ephemeral_db.parent, True)
 
     def _drop_ephemeral(self) -> None:
         connection, self._connection = self._connection, None

@@ -67,9 +67,6 @@ class SessionRegistry:
             self._changed()
         return session
 
-    def get(self, session_id: str) -> Session | None:
-        return self._sessions.get(session_id)
-
     def _changed(self) -> None:
         for listener in self.on_change:
             listener()
