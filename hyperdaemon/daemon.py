@@ -373,10 +373,9 @@ class DaemonService(MultiService):
         deadline = self._reactor.seconds() + DROP_RETRY_SECONDS
         while (instance := self.supervisor.instance) is not None:
             try:
-                await deferToThreadPool(
-                    self._reactor, self._reactor.getThreadPool(), drop_database,
-                    instance.host, instance.port, instance.user, instance.password,
-                    session.ephemeral_db,
+                await drop_database(
+                    self._reactor, instance.host, instance.port, instance.user,
+                    instance.password, session.ephemeral_db,
                 )
                 break
             except DatabaseInUse:

@@ -19,6 +19,7 @@ from typing import Any, Callable, Iterator
 
 import attrs
 
+from . import pgwire
 from .discovery import SESSIONS_NAME  # noqa: F401  (re-exported)
 
 
@@ -143,21 +144,28 @@ class DatabaseInUse(Exception):
     """hyperd refuses to drop a database that a connection still has attached."""
 
 
-def drop_database(host: str, port: int, user: str, password: str | None, path: str) -> None:
+#: Seconds dropping a database may take, connection included.
+DROP_TIMEOUT = 10.0
+
+
+async def drop_database(
+    reactor: Any, host: str, port: int, user: str, password: str | None, path: str,
+) -> None:
     """
-    Drop (and so delete) the database file C{path} through hyperd.  Blocks:
-    call it from a worker thread.
+    Drop (and so delete) the database file C{path} through hyperd.
 
     @raise DatabaseInUse: if a connection still has it attached.
+    @raise pgwire.PGError: if hyperd refuses otherwise.
     """
-    import psycopg
-
     quoted = '"' + path.replace('"', '""') + '"'
-    with psycopg.connect(host=host, port=port, user=user, password=password,
-                         autocommit=True, connect_timeout=5) as conn:
-        try:
-            conn.execute(f"DROP DATABASE IF EXISTS {quoted}")
-        except psycopg.Error as e:
-            if "in use" in str(e):
-                raise DatabaseInUse(str(e)) from None
-            raise
+    connection = await pgwire.connect(reactor, host, port, user, password, DROP_TIMEOUT)
+    try:
+        dropping = connection.query(f"DROP DATABASE IF EXISTS {quoted}")
+        dropping.addTimeout(DROP_TIMEOUT, reactor)
+        await dropping
+    except pgwire.PGError as e:
+        if "in use" in str(e):
+            raise DatabaseInUse(str(e)) from None
+        raise
+    finally:
+        connection.close()

@@ -6,7 +6,7 @@ C{hyperd} is spawned with a callback connection (HYPERD.md): it connects to a
 port of ours and sends its endpoint; we keep that connection open for its
 whole life, so that when the daemon dies, even by SIGKILL, the kernel closes
 it and C{hyperd} exits too.  It gets a fresh random password on stdin unless
-C{compat} is set.  It is ready once a libpq query succeeds; after that a probe
+C{compat} is set.  It is ready once a query succeeds; after that a probe
 query runs every L{HyperdSupervisor.probe_interval} seconds (and at once on
 L{HyperdSupervisor.check_now}), so that a C{hyperd} that is alive but does not
 answer is killed and replaced.  Its exit is noticed at once through
@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import threading
 from pathlib import Path
 from typing import Any, Callable
 
@@ -27,11 +26,10 @@ from twisted.application.service import Service
 from twisted.internet import defer, error
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import LoopingCall, deferLater
-from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from . import peeruid
+from . import peeruid, pgwire
 from .config import HYPERD_USER
 
 _log = Logger()
@@ -192,53 +190,40 @@ class _HyperdProcess(ProcessProtocol):
 
 class QueryProbe:
     """
-    A libpq connection to one C{hyperd} for readiness and health checks.
-    Its methods block: call them only from a worker thread.
+    A connection to one C{hyperd} for readiness and health checks, opened on
+    first use and again after a failure.
     """
 
-    connect_timeout = 5
+    connect_timeout = 5.0
 
-    def __init__(self, instance: HyperdInstance) -> None:
+    def __init__(self, reactor: Any, instance: HyperdInstance) -> None:
+        self._reactor = reactor
         self._instance = instance
-        self._connection: Any = None
-        # libpq connections must not be closed while another thread uses them.
-        self._lock = threading.Lock()
+        self._connection: pgwire.PGClientProtocol | None = None
 
-    def check(self) -> None:
-        """Run C{SELECT 1}; raise whatever libpq raises if it fails."""
-        import psycopg  # Lazily: the daemon answers PING before this loads.
+    def check(self) -> defer.Deferred[None]:
+        """
+        Run C{SELECT 1}.  Fails with L{pgwire.PGError} or a connection error
+        if C{hyperd} does not answer it; cancelling it drops the connection.
+        """
+        return defer.ensureDeferred(self._check())
 
-        with self._lock:
-            self._check(psycopg)
-
-    def _check(self, psycopg: Any) -> None:
+    async def _check(self) -> None:
         try:
             if self._connection is None or self._connection.closed:
-                self._connection = psycopg.connect(
-                    host=self._instance.host,
-                    port=self._instance.port,
-                    user=self._instance.user,
-                    password=self._instance.password,
-                    autocommit=True,
-                    connect_timeout=self.connect_timeout,
+                i = self._instance
+                self._connection = await pgwire.connect(
+                    self._reactor, i.host, i.port, i.user, i.password, self.connect_timeout,
                 )
-            self._connection.execute("SELECT 1").fetchone()
-        except Exception:
-            self._close()
+            await self._connection.query("SELECT 1")
+        except BaseException:
+            self.close()
             raise
 
     def close(self) -> None:
-        """Close the connection, once no check is using it."""
-        with self._lock:
-            self._close()
-
-    def _close(self) -> None:
         connection, self._connection = self._connection, None
         if connection is not None:
-            try:
-                connection.close()
-            except Exception:
-                pass
+            connection.close()
 
 
 class HyperdSupervisor(Service):
@@ -268,7 +253,7 @@ class HyperdSupervisor(Service):
         on_ready: Callable[[HyperdInstance], None],
         on_give_up: Callable[[str], None],
         budget: RestartBudget | None = None,
-        probe_factory: Callable[[HyperdInstance], QueryProbe] = QueryProbe,
+        probe_factory: Callable[[Any, HyperdInstance], QueryProbe] = QueryProbe,
     ) -> None:
         self._reactor = reactor
         self._executable = executable
@@ -341,7 +326,7 @@ class HyperdSupervisor(Service):
     def _drop_probe(self) -> None:
         probe, self._probe = self._probe, None
         if probe is not None:
-            deferToThreadPool(self._reactor, self._reactor.getThreadPool(), probe.close)
+            probe.close()
 
     # -- starting -----------------------------------------------------------
 
@@ -448,9 +433,9 @@ class HyperdSupervisor(Service):
             listener.stopListening()
 
         instance = HyperdInstance(process.pid, host, port, HYPERD_USER, password)
-        probe = self._probe_factory(instance)
+        probe = self._probe_factory(self._reactor, instance)
         while True:
-            attempt = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), probe.check)
+            attempt = probe.check()
             remaining = max(deadline - self._reactor.seconds(), 0.001)
             attempt.addTimeout(remaining, self._reactor)
             try:
@@ -470,7 +455,7 @@ class HyperdSupervisor(Service):
             self._drop_probe()
             self._probe = probe
         else:
-            deferToThreadPool(self._reactor, self._reactor.getThreadPool(), probe.close)
+            probe.close()
         return instance
 
     # -- watching -----------------------------------------------------------
@@ -504,7 +489,7 @@ class HyperdSupervisor(Service):
         probe = self._probe
         if probe is None:
             return defer.succeed(None)
-        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(), probe.check)
+        d = probe.check()
         d.addTimeout(self.probe_timeout, self._reactor)
 
         def failed(reason: Failure) -> None:

@@ -11,6 +11,7 @@ import signal
 import socket
 import stat
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import pytest
@@ -113,6 +114,13 @@ class CommandTests(DaemonTestCase):
         record = dict(self.daemon.record(), hyperd_password="not-the-password")
         with self.assertRaises(psycopg.OperationalError):
             hyperd_query(record)
+
+    def test_daemon_loads_neither_libpq_nor_openssl(self) -> None:
+        # Its memory budget: hyperd is probed through the daemon's own
+        # protocol client, and nothing in the daemon needs OpenSSL.
+        maps = Path(f"/proc/{self.daemon.pid}/maps").read_text()
+        for library in ("libpq", "libcrypto", "libssl", "psycopg"):
+            self.assertNotIn(library, maps)
 
     def test_state_files_are_private(self) -> None:
         state = self.daemon.state_dir
