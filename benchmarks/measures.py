@@ -136,8 +136,14 @@ def steady(reaper: Reaper, targets: Sequence[Target], rec: Recorder, sizes: dict
             _stop_quietly(daemon)
 
 
+#: Unrecorded round trips before each PING sample set: the first connections
+#: of a process pay for cold caches and lazy set-up, in the measuring client too.
+PING_WARMUP = 20
+
+
 def ping(daemon: Daemon, rec: Recorder, rep: int, count: int) -> None:
-    """Measure 1: C{count} fresh connections, one after the other."""
+    """Measure 1: C{count} fresh connections, one after the other, after a warm-up."""
+    ping_many(daemon.port, PING_WARMUP)
     samples, errors = ping_many(daemon.port, count)
     if not samples:
         raise BenchError(f"no PING was answered ({errors} failed)")
