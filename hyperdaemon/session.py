@@ -226,9 +226,16 @@ class DaemonEndpoint:
     reactor: Any
     finder: Finder
     found: Callable[[DaemonAddress], None]
+    #: A daemon found a moment ago: the next connection goes to it without
+    #: looking again.
+    known: DaemonAddress | None = None
 
     def connect(self, factory: Factory) -> defer.Deferred[Any]:
-        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.finder.ensure)
+        known, self.known = self.known, None
+        if known is not None:
+            d = defer.succeed(known)
+        else:
+            d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), self.finder.ensure)
 
         def found(address: DaemonAddress) -> defer.Deferred[Any]:
             self.found(address)
@@ -258,8 +265,9 @@ class DaemonLink:
         self.address: DaemonAddress | None = None
         self._heartbeats = HeartbeatDebouncer(reactor, heartbeat_interval, self._heartbeat)
         factory = Factory.forProtocol(lambda: _SessionProtocol(self))
+        self._endpoint = DaemonEndpoint(reactor, finder, self._found)
         self._service = ClientService(
-            DaemonEndpoint(reactor, finder, self._found), factory,
+            self._endpoint, factory,
             retryPolicy=backoffPolicy(initialDelay=0.1, maxDelay=5.0), clock=reactor,
         )
 
@@ -275,6 +283,7 @@ class DaemonLink:
 
         def found(address: DaemonAddress) -> defer.Deferred[Credentials]:
             self._found(address)
+            self._endpoint.known = address
             self._service.startService()
             return self.credentials()
 

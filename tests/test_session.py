@@ -15,13 +15,15 @@ from typing import Any
 
 import pytest
 from twisted.internet import reactor
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
+from twisted.internet.testing import MemoryReactorClock
 from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hyperdaemon.config import PortChoice
-from hyperdaemon.finder import Finder, parse_version, should_take_over
-from hyperdaemon.session import HeartbeatDebouncer, Session, heartbeat_delay
+from hyperdaemon.finder import DaemonAddress, Finder, parse_version, should_take_over
+from hyperdaemon.session import DaemonEndpoint, HeartbeatDebouncer, Session, heartbeat_delay
 from support import (
     until,
     QUICK,
@@ -91,6 +93,43 @@ class HeartbeatTests(SynchronousTestCase):
         debouncer.cancel()
         clock.advance(100)
         self.assertEqual((sent, clock.getDelayedCalls()), ([], []))
+
+
+class _InlinePool:
+    def callInThreadWithCallback(self, onResult: Any, f: Any, *args: Any, **kw: Any) -> None:
+        onResult(True, f(*args, **kw))
+
+
+class _InlineThreadsReactor(MemoryReactorClock):
+    """A memory reactor whose thread pool runs work at once, in the caller."""
+
+    def getThreadPool(self) -> _InlinePool:
+        return _InlinePool()
+
+    def callFromThread(self, f: Any, *args: Any, **kw: Any) -> None:
+        f(*args, **kw)
+
+
+class _CountingFinder:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.lookups = 0
+
+    def ensure(self) -> DaemonAddress:
+        self.lookups += 1
+        return DaemonAddress(self.port, "1.0.0", 1, {})
+
+
+class DaemonEndpointTests(SynchronousTestCase):
+    def test_a_daemon_just_found_is_connected_to_without_looking_again_once(self) -> None:
+        reactor, finder, found = _InlineThreadsReactor(), _CountingFinder(7602), []
+        endpoint = DaemonEndpoint(reactor, finder, found.append,  # type: ignore[arg-type]
+                                  known=DaemonAddress(7601, "1.0.0", 1, {}))
+        endpoint.connect(Factory.forProtocol(Protocol))
+        self.assertEqual((finder.lookups, reactor.tcpClients[-1][:2]), (0, ("127.0.0.1", 7601)))
+        endpoint.connect(Factory.forProtocol(Protocol))
+        self.assertEqual((finder.lookups, reactor.tcpClients[-1][:2]), (1, ("127.0.0.1", 7602)))
+        self.assertEqual([a.port for a in found], [7601, 7602])
 
 
 class ClientTestCase(TestCase):
