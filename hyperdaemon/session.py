@@ -20,6 +20,7 @@ which asyncio code awaits with C{Deferred.asFuture}).  Under it:
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import select
@@ -581,6 +582,9 @@ class Session:
         folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
         session = cls(reactor, source, folder / EPHEMERAL_NAME, persistent)
         session._pool.start()
+        # psycopg takes some 50 ms to import: the worker does it
+        # while the daemon is found, or started.
+        session._pool.callInThread(importlib.import_module, "psycopg")
         try:
             session.credentials = await source.start(session.ephemeral_db)
             await session._in_worker(session._first_connect)
