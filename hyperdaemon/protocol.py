@@ -113,19 +113,10 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         self._target = target
         self._authorize = authorize
         self._allowed: bool | None = None
-        self._cutoff: Any = None
+        #: Set once the connection is closing; the timer then cuts it off.
+        self._closing = False
         #: The session this connection carries, once C{SESSION} succeeded.
         self.session_id: str | None = None
-        self._commands: dict[str, Callable[[str], str | Deferred[str]]] = {
-            "PING": self.cmd_PING,
-            "HEARTBEAT": self.cmd_HEARTBEAT,
-            "STATUS": self.cmd_STATUS,
-            "STOP": self.cmd_STOP,
-            "REPORT_HYPERD_ERROR": self.cmd_REPORT_HYPERD_ERROR,
-            "SESSION": self.cmd_SESSION,
-            "READY": self.cmd_READY,
-            "BYE": self.cmd_BYE,
-        }
 
     def connectionMade(self) -> None:
         self.setTimeout(self.timeOut)
@@ -133,8 +124,6 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: object = None) -> None:
         self.setTimeout(None)
-        if self._cutoff is not None and self._cutoff.active():
-            self._cutoff.cancel()
         self._end_session()
 
     def _end_session(self, clean: bool = False) -> None:
@@ -149,7 +138,10 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         self._close()
 
     def timeoutConnection(self) -> None:
-        self._close("ERR timeout")
+        if self._closing:
+            self.transport.abortConnection()
+        else:
+            self._close("ERR timeout")
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._close("ERR line too long")
@@ -159,17 +151,26 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         Say C{message}, flush, close; a client that does not read what is
         left is cut off after L{closeGrace} seconds.
         """
-        if self._cutoff is not None:
+        if self._closing:
             return
-        self.setTimeout(None)
+        self._closing = True
         if message is not None:
             self.sendLine(message.encode("ascii"))
+        # A transport closes only once no streaming producer is left.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
-        self._cutoff = self.callLater(self.closeGrace, self.transport.abortConnection)
+        # The one timer of the connection now bounds the close.
+        self.setTimeout(self.closeGrace)
+
+    def _idle_again(self) -> None:
+        """Time the connection out again when it goes silent (no session)."""
+        if self.session_id is None:
+            # setTimeout(None) replaced the instance's timeOut; the class
+            # holds the configured one.
+            self.setTimeout(type(self).timeOut)
 
     def lineReceived(self, line: bytes) -> None:
-        if self._cutoff is not None:
+        if self._closing:
             return
         self.resetTimeout()
         try:
@@ -193,7 +194,7 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         if handler is None:
             self.sendLine(b"ERR unknown command")
             return
-        reply = handler(argument.strip())
+        reply = handler(self, argument.strip())
         if isinstance(reply, Deferred):
             self._reply_later(reply)
         else:
@@ -210,12 +211,11 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         def send(line: object) -> None:
             if isinstance(line, Failure):
                 line = f"ERR {line.getErrorMessage()}"
-            if self.transport is None or self._cutoff is not None:
+            if self.transport is None or self._closing:
                 return
             self.sendLine(str(line).encode("utf-8"))
             self.paused = False
-            if self.session_id is None:
-                self.setTimeout(self.timeOut)
+            self._idle_again()
             self.dataReceived(b"")
 
         reply.addBoth(send)
@@ -275,8 +275,20 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
 
     def cmd_BYE(self, argument: str) -> str:
         self._end_session(clean=True)
-        self.setTimeout(self.timeOut)  # an ordinary connection again
+        self._idle_again()  # an ordinary connection again
         return "OK"
+
+    #: Command name -> handler, shared by every connection.
+    _commands: dict[str, Callable[[HealthProtocol, str], str | Deferred[str]]] = {
+        "PING": cmd_PING,
+        "HEARTBEAT": cmd_HEARTBEAT,
+        "STATUS": cmd_STATUS,
+        "STOP": cmd_STOP,
+        "REPORT_HYPERD_ERROR": cmd_REPORT_HYPERD_ERROR,
+        "SESSION": cmd_SESSION,
+        "READY": cmd_READY,
+        "BYE": cmd_BYE,
+    }
 
 
 class HealthFactory(ServerFactory):

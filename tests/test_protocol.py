@@ -437,6 +437,16 @@ class HalfCloseTests(HealthProtocolTestsMixin, SynchronousTestCase):
         # A real transport finishes closing only once the producer is gone.
         self.assertIsNone(transport.producer)
 
+    def test_a_closing_client_that_does_not_read_is_cut_off(self) -> None:
+        proto, transport = self.connect()
+        proto.dataReceived(b"STATUS\n")
+        proto.readConnectionLost()
+        self.clock.advance(HealthProtocol.closeGrace - 0.1)
+        self.assertFalse(transport.disconnected)
+        self.clock.advance(0.2)
+        self.assertTrue(transport.disconnected)  # aborted, not waiting to flush
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_write_side_lost_closes_the_connection(self) -> None:
         proto, transport = self.connect()
         proto.writeConnectionLost()
@@ -546,6 +556,25 @@ class SessionCommandTests(HealthProtocolTestsMixin, SynchronousTestCase):
             transport.value(),
             b'OK {"hyperd_endpoint":"h:2"}\nPONG hyperdb-mcp 9.8.7\nOK\n',
         )
+
+    def test_a_connection_times_out_again_after_a_waiting_reply(self) -> None:
+        proto, transport = self.connect()
+        self.target.ready = Deferred()
+        self.exchange(proto, transport, b"READY\n")
+        self.clock.advance(HealthProtocol.timeOut * 2)  # no timeout while it waits
+        self.assertFalse(transport.disconnecting)
+        self.target.ready.callback({"hyperd_endpoint": "h:2"})
+        transport.clear()
+        self.clock.advance(HealthProtocol.timeOut + 1)
+        self.assertEqual(transport.value(), b"ERR timeout\n")
+        self.assertTrue(transport.disconnecting)
+
+    def test_a_connection_times_out_again_after_bye(self) -> None:
+        proto, transport = self.connect()
+        self.exchange(proto, transport, b'SESSION {"pid": 1}\nBYE\n')
+        transport.clear()
+        self.clock.advance(HealthProtocol.timeOut + 1)
+        self.assertEqual(transport.value(), b"ERR timeout\n")
 
     def test_a_failed_wait_answers_err(self) -> None:
         proto, transport = self.connect()
