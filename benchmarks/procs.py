@@ -31,6 +31,9 @@ SCRUBBED = (
     "HYPERDB_DAEMON_PORT", "HYPERDB_DAEMON_PORT_RANGE", "HYPERDB_STATE_DIR",
     "HYPERDB_PERSISTENT_DB", "HYPERDB_DAEMON_IDLE_TIMEOUT", "HYPERD_PATH", "XDG_DATA_HOME",
     "TMPDIR",
+    # Our processes run as installed, with their bytecode cached (cli.py
+    # compiles it first), not recompiled at every start.
+    "PYTHONDONTWRITEBYTECODE",
 )
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
