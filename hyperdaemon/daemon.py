@@ -157,6 +157,10 @@ class DaemonService(MultiService):
         self.idle = IdleTimer(reactor, settings.idle_timeout, lambda: len(self.sessions), self._idled)
         self.idle.setServiceParent(self)
         self.sessions.on_change.append(self.idle.touch)
+        # hyperd is probed only while sessions use it: an idle daemon sleeps.
+        # Unwatched, a hung hyperd is found when a client reports it.
+        self.supervisor.watch(False)
+        self.sessions.on_change.append(lambda: self.supervisor.watch(len(self.sessions) > 0))
         self.exit_code = 0
         self.stop_reason: str | None = None
         self.started_at = ""

@@ -215,13 +215,11 @@ class PGClientProtocol(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.closed = True
         error = PGError(f"connection to hyperd lost: {reason.getErrorMessage()}")
-        pending = [self.ready, *(d for _, d in self._queue)]
-        if self._current is not None:
-            pending.append(self._current)
+        pending = [self.ready, self._current, *(d for _, d in self._queue)]
         self._queue.clear()
         self._current = None
         for d in pending:
-            if not d.called:
+            if d is not None and not d.called:
                 d.errback(error)
 
     # -- public ----------------------------------------------------------------

@@ -6,10 +6,11 @@ C{hyperd} is spawned with a callback connection (HYPERD.md): it connects to a
 port of ours and sends its endpoint; we keep that connection open for its
 whole life, so that when the daemon dies, even by SIGKILL, the kernel closes
 it and C{hyperd} exits too.  It gets a fresh random password on stdin unless
-C{compat} is set.  It is ready once a query succeeds; after that a probe
-query runs every L{HyperdSupervisor.probe_interval} seconds (and at once on
-L{HyperdSupervisor.check_now}), so that a C{hyperd} that is alive but does not
-answer is killed and replaced.  Its exit is noticed at once through
+C{compat} is set.  It is ready once a query succeeds; after that, while it is
+watched (L{HyperdSupervisor.watch}: the daemon watches while sessions are
+attached), a probe query runs every L{HyperdSupervisor.probe_interval}
+seconds, and at once on L{HyperdSupervisor.check_now}, so that a C{hyperd}
+that is alive but does not answer is killed and replaced.  Its exit is noticed at once through
 C{processEnded}.  At most L{RestartBudget.limit} replacements happen within
 L{RestartBudget.window} seconds; past that the supervisor gives up.
 """
@@ -274,11 +275,30 @@ class HyperdSupervisor(Service):
         self._launching: defer.Deferred[None] | None = None
         self._prober = LoopingCall(self._scheduled_probe)
         self._prober.clock = reactor
+        self._watched = True
         self._ever_ready = False
 
     @property
     def pid(self) -> int | None:
         return self._current.pid if self._current is not None else None
+
+    @property
+    def watched(self) -> bool:
+        """Whether the ready C{hyperd} is probed periodically (L{watch})."""
+        return self._watched
+
+    def watch(self, watched: bool) -> None:
+        """
+        Probe the ready C{hyperd} every L{probe_interval} seconds while
+        C{watched} (the default), and not at all otherwise.  An unwatched
+        C{hyperd} is still replaced at once if it exits, and checked on
+        L{check_now}; nothing wakes the process up for it.
+        """
+        self._watched = watched
+        if watched and self.state == "ready" and not self._prober.running:
+            self._prober.start(self.probe_interval, now=False)
+        elif not watched and self._prober.running:
+            self._prober.stop()
 
     # -- lifetime -----------------------------------------------------------
 
@@ -349,8 +369,7 @@ class HyperdSupervisor(Service):
                 "hyperd[{pid}] ready on {endpoint}", pid=instance.pid, endpoint=instance.endpoint
             )
             self._on_ready(instance)
-            if not self._prober.running:
-                self._prober.start(self.probe_interval, now=False)
+            self.watch(self._watched)
 
         def failed(reason: Failure) -> None:
             self._launching = None

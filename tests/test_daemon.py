@@ -477,6 +477,25 @@ class PortLockTests(SynchronousTestCase):
         self.assertEqual(service.supervisor.state, "stopped")
         self.assertFalse((self.tmp / "daemon.json").exists())
 
+    def test_hyperd_is_watched_only_while_sessions_are_attached(self) -> None:
+        from twisted.internet import reactor
+
+        from hyperdaemon.config import hyperd_executable
+        from hyperdaemon.daemon import DaemonService, DaemonSettings
+
+        settings = DaemonSettings(port=free_port(), state_dir=self.tmp,
+                                  logs_dir=self.tmp / "logs", idle_timeout=0,
+                                  hyperd=hyperd_executable(os.environ))
+        service = DaemonService(reactor, settings, on_shutdown=lambda: None)
+        self.assertFalse(service.supervisor.watched)  # an idle daemon sleeps
+        first, _ = service.attach_session({"pid": os.getpid()})
+        second, _ = service.attach_session({"pid": os.getpid()})
+        self.assertTrue(service.supervisor.watched)
+        service.end_session(first, clean=True)
+        self.assertTrue(service.supervisor.watched)
+        service.end_session(second, clean=True)
+        self.assertFalse(service.supervisor.watched)
+
 
 NOBODY = 65534
 

@@ -1,13 +1,22 @@
 """
 Unit tests for the pure parts of L{hyperdaemon.supervisor}: the restart
-budget, the callback-frame parser and L{HyperdInstance}.  No C{hyperd} runs.
+budget, the callback-frame parser, L{HyperdInstance}, and when the probe is
+scheduled.  No C{hyperd} runs.
 """
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from hyperdaemon.supervisor import HyperdInstance, RestartBudget, parse_callback_frame
+import pytest
+from twisted.internet.task import Clock
+
+from hyperdaemon.supervisor import (
+    HyperdInstance,
+    HyperdSupervisor,
+    RestartBudget,
+    parse_callback_frame,
+)
 
 FRAME = b"\x1atab.tcp://127.0.0.1:37447\x00"
 
@@ -143,3 +152,48 @@ def test_instance_without_password_has_endpoint() -> None:
     instance = HyperdInstance(1, "localhost", 5, "u", None)
     assert instance.endpoint == "localhost:5"
     assert instance.password is None
+
+
+# -- watching -----------------------------------------------------------------
+
+def _ready_supervisor(clock: Clock) -> HyperdSupervisor:
+    """A supervisor whose hyperd is taken as ready (none is started)."""
+    supervisor = HyperdSupervisor(clock, Path("/nonexistent/hyperd"), Path("/nonexistent"),
+                                  False, on_ready=lambda _: None, on_give_up=lambda _: None)
+    supervisor.state = "ready"
+    return supervisor
+
+
+def test_watched_by_default() -> None:
+    assert _ready_supervisor(Clock()).watched
+
+
+def test_unwatched_ready_hyperd_schedules_nothing() -> None:
+    clock = Clock()
+    supervisor = _ready_supervisor(clock)
+    supervisor.watch(False)
+    clock.advance(HyperdSupervisor.probe_interval * 10)
+    assert clock.getDelayedCalls() == []  # nothing would wake the process
+
+
+def test_watching_a_ready_hyperd_probes_every_interval_until_unwatched() -> None:
+    clock = Clock()
+    supervisor = _ready_supervisor(clock)
+    supervisor.watch(False)
+    supervisor.watch(True)
+    [probe] = clock.getDelayedCalls()
+    assert probe.getTime() == HyperdSupervisor.probe_interval
+    clock.advance(HyperdSupervisor.probe_interval)
+    [probe] = clock.getDelayedCalls()
+    assert probe.getTime() == 2 * HyperdSupervisor.probe_interval
+    supervisor.watch(False)
+    assert clock.getDelayedCalls() == []
+
+
+def test_watching_before_ready_waits_for_ready() -> None:
+    clock = Clock()
+    supervisor = _ready_supervisor(clock)
+    supervisor.state = "starting"
+    supervisor.watch(True)
+    assert clock.getDelayedCalls() == []
+    assert supervisor.watched
