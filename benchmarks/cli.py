@@ -166,7 +166,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     leftovers: dict[int, str] = {}
     interrupted = False
     try:
-        if which & {1, 6, 8}:
+        if 1 in which:
+            measures.pings(reaper, targets, rec, sizes["pings"])
+        if which & {6, 8}:
             measures.steady(reaper, targets, rec, sizes, which)
         if which & {2, 4, 5}:
             measures.lifecycle(reaper, targets, rec, which)

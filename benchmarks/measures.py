@@ -104,7 +104,24 @@ def _stop_quietly(daemon: Daemon | None) -> None:
               file=sys.stderr)
 
 
-# -- measures 1, 6 and 8: one long-running daemon each --------------------------
+# -- measure 1: each daemon alone on the machine -------------------------------
+
+def pings(reaper: Reaper, targets: Sequence[Target], rec: Recorder, count: int) -> None:
+    """
+    Measure 1, for each target in turn, with no other daemon running: the
+    other one's periodic wake-ups would otherwise land in this one's tail.
+    """
+    for rep in range(rec.repeats):
+        for target in order(targets, rep):
+            daemon = None
+            with rec.guard([target], 1, rep, "ping"):
+                daemon = Daemon(target, reaper.sandbox(f"ping-{target.name}")).start()
+                daemon.wait_ready()
+                ping(daemon, rec, rep, count)
+            _stop_quietly(daemon)
+
+
+# -- measures 6 and 8: one long-running daemon each -----------------------------
 
 def steady(reaper: Reaper, targets: Sequence[Target], rec: Recorder, sizes: dict[str, Any],
            which: set[int]) -> None:
@@ -113,15 +130,11 @@ def steady(reaper: Reaper, targets: Sequence[Target], rec: Recorder, sizes: dict
         for target in targets:
             daemons[target.name] = Daemon(target, reaper.sandbox(f"steady-{target.name}")).start()
         for target in list(targets):
-            with rec.guard([target], min(which & {1, 6, 8}), 0, "start"):
+            with rec.guard([target], min(which & {6, 8}), 0, "start"):
                 daemons[target.name].wait_ready()
                 continue
             targets = [t for t in targets if t is not target]  # it never became ready
         for rep in range(rec.repeats):
-            if 1 in which:
-                for target in order(targets, rep):
-                    with rec.guard([target], 1, rep, "ping"):
-                        ping(daemons[target.name], rec, rep, sizes["pings"])
             if 6 in which:
                 with rec.guard(targets, 6, rep, "idle"):
                     idle([daemons[t.name] for t in targets], rec, rep, sizes["idle_s"])
