@@ -72,6 +72,12 @@ class StartupError(Exception):
     """The daemon cannot start; C{str()} is one sentence with the fix."""
 
 
+#: Connections the kernel queues before the daemon accepts them.  Twisted's
+#: default (50) overflows when many clients start at once, and each client
+#: whose SYN is dropped waits a second for its retry.
+LISTEN_BACKLOG = 1024
+
+
 @attrs.frozen
 class DaemonSettings:
     """Everything a daemon needs to know, already resolved and checked."""
@@ -141,7 +147,7 @@ class DaemonService(MultiService):
         self._install_signal_handlers = install_signal_handlers
         self.sessions = SessionRegistry()
         self.health = strports.service(
-            f"tcp:{settings.port}:interface=127.0.0.1",
+            f"tcp:{settings.port}:interface=127.0.0.1:backlog={LISTEN_BACKLOG}",
             HealthFactory(self, authorize, reactor),
             reactor=reactor,
         )
