@@ -102,6 +102,8 @@ class ScramClient:
         self._first_bare = f"n={user},r={self._nonce}"
         self._salted: bytes | None = None
         self._auth_message: bytes | None = None
+        #: Whether the server has proven that it knows the password.
+        self.verified = False
 
     def first_message(self) -> bytes:
         return f"n,,{self._first_bare}".encode("ascii")
@@ -150,6 +152,7 @@ class ScramClient:
             raise PGError("malformed SCRAM signature from the server") from None
         if not hmac.compare_digest(received, expected):
             raise PGError("the server's SCRAM signature does not match")
+        self.verified = True
 
 
 def _cstring(text: str) -> bytes:
@@ -208,6 +211,9 @@ class PGClientProtocol(Protocol):
                 self._handle(kind, payload)
             except PGError as e:
                 self._fail(e)
+                return
+            except (struct.error, ValueError):
+                self._fail(PGError(f"malformed {kind!r} message from the server"))
                 return
             if self.closed:
                 return
@@ -316,6 +322,8 @@ class PGClientProtocol(Protocol):
     def _authenticate(self, payload: bytes) -> None:
         (code,) = _INT32.unpack_from(payload)
         if code == AUTH_OK:
+            if self._scram is not None and not self._scram.verified:
+                raise PGError("the server skipped the last step of SCRAM")
             return
         if self._password is None and code in (AUTH_CLEARTEXT, AUTH_SASL):
             raise PGError("hyperd asks for a password and none is known")

@@ -87,6 +87,7 @@ class ScramTests(SynchronousTestCase):
         self.assertEqual(client.first_message(), b"n,,n=user,r=" + RFC_NONCE.encode())
         self.assertEqual(client.final_message(RFC_SERVER_FIRST), RFC_CLIENT_FINAL)
         client.verify(RFC_SERVER_FINAL)
+        self.assertTrue(client.verified)
 
     def test_user_name_is_left_to_the_startup_message(self) -> None:
         self.assertEqual(pgwire.ScramClient("pw", nonce="abc").first_message(), b"n,,n=,r=abc")
@@ -163,6 +164,23 @@ class ProtocolTests(SynchronousTestCase):
         # A wrong server signature ends the connection before it is ready.
         protocol.dataReceived(auth(pgwire.AUTH_SASL_FINAL, b"v=AAAA"))
         self.assertIsInstance(self.failureResultOf(protocol.ready).value, pgwire.PGError)
+        self.assertTrue(transport.disconnecting)
+
+    def test_scram_without_the_server_signature_is_refused(self) -> None:
+        protocol, transport = self.connect()
+        protocol.dataReceived(auth(pgwire.AUTH_SASL, b"SCRAM-SHA-256\x00\x00"))
+        first = sent(transport)[0][1][len(b"SCRAM-SHA-256\x00") + 4:]
+        nonce = first[len(b"n,,n=,r="):]
+        protocol.dataReceived(auth(pgwire.AUTH_SASL_CONTINUE, b"r=" + nonce + b"x,s=QUJD,i=2"))
+        protocol.dataReceived(auth(pgwire.AUTH_OK) + READY)  # no SASL final message
+        self.failureResultOf(protocol.ready, pgwire.PGError)
+        self.assertTrue(transport.disconnecting)
+
+    def test_malformed_row_breaks_the_connection(self) -> None:
+        protocol, transport = self.ready()
+        d = protocol.query("SELECT 1")
+        protocol.dataReceived(message(b"D", b"\x00\x01\x00"))  # a truncated column
+        self.failureResultOf(d, pgwire.PGError)
         self.assertTrue(transport.disconnecting)
 
     def test_password_asked_but_none_known(self) -> None:
