@@ -264,7 +264,8 @@ def _without_openssl() -> None:
     load OpenSSL whenever they can: a sixth of the daemon's memory.  They
     all run without it, as on a Python built without OpenSSL.
     """
-    if importlib.util.find_spec("_sha256") is None:
+    # Python's own SHA-256: _sha256 up to 3.11, _sha2 from 3.12.
+    if not any(importlib.util.find_spec(name) for name in ("_sha2", "_sha256")):
         return
     for name in ("_ssl", "_hashlib"):
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
