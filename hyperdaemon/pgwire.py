@@ -13,6 +13,7 @@ which run real workloads, keep using psycopg.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import os
@@ -55,13 +56,17 @@ class PGError(Exception):
         self.sqlstate = sqlstate
 
 
+@functools.lru_cache(maxsize=4)
 def pbkdf2_sha256(password: bytes, salt: bytes, iterations: int) -> bytes:
     """
     PBKDF2-HMAC-SHA256 with a 32-byte result (RFC 8018), as SCRAM needs.
 
-    C{hashlib.pbkdf2_hmac} exists only with OpenSSL, which the daemon does
-    not load; this keys the two HMAC hash states once and copies them, so an
-    iteration is four calls into the hash.
+    C{hashlib.pbkdf2_hmac} needs OpenSSL from Python 3.12 on, and the daemon
+    does not load it; this keys the two HMAC hash states once and copies
+    them, so an iteration is four calls into the hash.  It still takes a few
+    milliseconds of the reactor thread, and a C{hyperd} salts its user's
+    password once: the result is kept (RFC 5802 lets a client cache it), so
+    only the first connection to each C{hyperd} pays.
     """
     key = password if len(password) <= 64 else hashlib.sha256(password).digest()
     key = key.ljust(64, b"\x00")
@@ -354,8 +359,7 @@ def connect(
     L{defer.TimeoutError} if it takes longer, or a connection error.
     """
     protocol = PGClientProtocol(user, password)
-    endpoint = TCP4ClientEndpoint(reactor, host, port, timeout=max(1, round(timeout)))
-    d = endpoint.connect(_Quiet(protocol))
+    d = TCP4ClientEndpoint(reactor, host, port).connect(_Quiet(protocol))
     d.addCallback(lambda _: protocol.ready)
     d.addTimeout(timeout, reactor, onTimeoutCancel=_timed_out)
     return d

@@ -73,6 +73,16 @@ class Pbkdf2Tests(SynchronousTestCase):
             "c5e478d59288c841aa530db6845c4c8d962893a001ce4e11a4963873aa98134a",
         )
 
+    def test_each_key_is_derived_once(self) -> None:
+        # Every connection to one hyperd gets the same salt: only the first
+        # one may spend the reactor's time on the 4096 iterations.
+        password, salt = os.urandom(20), os.urandom(16)
+        before = pgwire.pbkdf2_sha256.cache_info()
+        first = pgwire.pbkdf2_sha256(password, salt, 4096)
+        self.assertEqual(pgwire.pbkdf2_sha256(password, salt, 4096), first)
+        after = pgwire.pbkdf2_sha256.cache_info()
+        self.assertEqual((after.misses - before.misses, after.hits - before.hits), (1, 1))
+
     def test_matches_hashlib_for_long_passwords(self) -> None:
         if not hasattr(hashlib, "pbkdf2_hmac"):
             raise self.skipTest("this Python has no OpenSSL pbkdf2_hmac to compare with")
