@@ -10,8 +10,8 @@ C{compat} is set.  It is ready once a query succeeds; after that, while it is
 watched (L{HyperdSupervisor.watch}: the daemon watches while sessions are
 attached), a probe query runs every L{HyperdSupervisor.probe_interval}
 seconds, and at once on L{HyperdSupervisor.check_now}, so that a C{hyperd}
-that is alive but does not answer is killed and replaced.  Its exit is noticed at once through
-C{processEnded}.  At most L{RestartBudget.limit} replacements happen within
+that is alive but does not answer is killed and replaced.  Its exit is
+noticed at once through C{processEnded}.  At most L{RestartBudget.limit} replacements happen within
 L{RestartBudget.window} seconds; past that the supervisor gives up.
 """
 

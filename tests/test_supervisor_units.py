@@ -171,6 +171,8 @@ def test_watched_by_default() -> None:
 def test_unwatched_ready_hyperd_schedules_nothing() -> None:
     clock = Clock()
     supervisor = _ready_supervisor(clock)
+    supervisor.watch(True)
+    assert len(clock.getDelayedCalls()) == 1
     supervisor.watch(False)
     clock.advance(HyperdSupervisor.probe_interval * 10)
     assert clock.getDelayedCalls() == []  # nothing would wake the process
