@@ -116,7 +116,9 @@ class Finder:
     choice: PortChoice
     client_version: str = __version__
     spawn_timeout: float = SPAWN_TIMEOUT
-    environ: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ))
+    #: Never in the repr: Twisted logs endpoints (and so this) when it
+    #: retries, and an environment holds the user's tokens.
+    environ: Mapping[str, str] = attrs.field(factory=lambda: dict(os.environ), repr=False)
 
     @classmethod
     def from_environment(cls, state_dir: str | None = None, port: str | int | None = None,
