@@ -51,9 +51,9 @@ from .supervisor import HyperdInstance, HyperdSupervisor
 
 _log = Logger()
 
-#: Version of the session commands (SESSION, READY, BYE) this daemon speaks;
-#: clients look for it in STATUS before they rely on them.
-SESSION_PROTOCOL = 1
+#: Version of the session commands this daemon speaks (1: SESSION, READY,
+#: BYE; 2: RELEASE too); clients look for it in STATUS before they rely on them.
+SESSION_PROTOCOL = 2
 
 
 def _own_daemon_among(ports: tuple[int, ...]) -> int | None:

@@ -127,6 +127,7 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         self._end_session()
 
     def _end_session(self, clean: bool = False) -> None:
+        self._releasers().discard(self)
         session_id, self.session_id = self.session_id, None
         if session_id is not None:
             self._target.end_session(session_id, clean)
@@ -259,6 +260,9 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
             return f"ERR {e}"
         # A session's connection is silent by design: no idle timeout.
         self.setTimeout(None)
+        if fields.get("release") is True:
+            # It understands RELEASE lines: relay other sessions' requests.
+            self._releasers().add(self)
 
         def failed(reason: Failure) -> str:
             self._end_session()
@@ -278,6 +282,30 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         self._idle_again()  # an ordinary connection again
         return "OK"
 
+    def cmd_RELEASE(self, argument: str) -> str:
+        """
+        Relay a request to let go of a database file (C{{"path": ...}}) to
+        every other session that asked for such requests: a session that
+        wrote to the file waits until nobody has it attached, which is when
+        Hyper writes the changes out (L{hyperdaemon.sharedfiles}).
+        """
+        try:
+            fields = json.loads(argument)
+            path = fields["path"] if isinstance(fields, dict) else None
+        except ValueError:
+            path = None
+        if not isinstance(path, str) or not path:
+            return 'ERR RELEASE takes a JSON object with "path"'
+        line = b"RELEASE " + json.dumps({"path": path}, separators=(",", ":")).encode("utf-8")
+        for other in list(self._releasers()):
+            if other is not self and other.transport is not None and not other._closing:
+                other.sendLine(line)
+        return "OK"
+
+    def _releasers(self) -> set["HealthProtocol"]:
+        factory = getattr(self, "factory", None)
+        return factory.releasers if factory is not None else set()
+
     #: Command name -> handler, shared by every connection.
     _commands: dict[str, Callable[[HealthProtocol, str], str | Deferred[str]]] = {
         "PING": cmd_PING,
@@ -288,6 +316,7 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         "SESSION": cmd_SESSION,
         "READY": cmd_READY,
         "BYE": cmd_BYE,
+        "RELEASE": cmd_RELEASE,
     }
 
 
@@ -301,6 +330,8 @@ class HealthFactory(ServerFactory):
         self.target = target
         self.authorize = authorize
         self.clock = clock
+        #: Connections whose sessions take C{RELEASE} requests.
+        self.releasers: set[HealthProtocol] = set()
 
     def buildProtocol(self, addr: object) -> HealthProtocol:
         protocol = HealthProtocol(self.target, self.authorize)

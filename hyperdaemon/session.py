@@ -20,14 +20,16 @@ which asyncio code awaits with C{Deferred.asFuture}).  Under it:
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import os
 import select
 import shutil
 import tempfile
+import threading
 from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Any, Callable, Collection, Protocol, Sequence, Union
 
 import attrs
 from twisted.application.internet import ClientService, backoffPolicy
@@ -46,6 +48,7 @@ from . import __version__
 from .config import HYPERD_USER
 from .discovery import SESSIONS_NAME, CorruptDiscovery, read_record
 from .finder import DaemonAddress, Finder
+from .sharedfiles import NotDurable, SharedFile, take_hold, wait_until_written
 
 _log = Logger()
 
@@ -58,9 +61,20 @@ EPHEMERAL_NAME = "scratch.hyper"
 CREDENTIALS_TIMEOUT = 120.0
 #: Connection attempts while hyperd is being replaced.
 CONNECT_ATTEMPTS = 3
+#: The session protocol that relays RELEASE requests between sessions.
+RELEASE_PROTOCOL = 2
 #: SQL aliases of the session's databases.
 EPHEMERAL_ALIAS = "local"
 PERSISTENT_ALIAS = "persistent"
+#: Where a shared file's locks go when its own folder is read-only.
+LOCKS_NAME = "locks"
+#: Command tags of statements that cannot have written anything (Hyper has
+#: no data-modifying CTEs, and SELECT INTO is refused).
+READ_TAGS = frozenset({"SELECT", "SHOW"})
+
+#: What a call may have written: C{True} (every shared file), C{False}, the
+#: aliases it wrote to, or a function that says so once the call is done.
+Writes = Union[bool, Collection[str], Callable[[], Union[bool, Collection[str]]]]
 
 
 class SessionError(Exception):
@@ -181,8 +195,26 @@ class HyperdSource(Protocol):
     def activity(self) -> None:
         """The session did something (for heartbeats)."""
 
-    def close(self) -> defer.Deferred[None]:
-        """End: say goodbye, stop what was started."""
+    def close(self, clean: bool = True) -> defer.Deferred[None]:
+        """
+        End: say goodbye (C{clean}: our ephemeral database is dropped), stop
+        what was started.
+        """
+
+    def cleans_up_after_us(self) -> bool:
+        """Whether the other end drops our database and folder if we cannot."""
+
+    def can_relay_releases(self) -> bool:
+        """
+        Whether other sessions can be asked to let go of a shared file (so
+        that this session may keep files attached between calls).
+        """
+
+    def request_release(self, path: str) -> None:
+        """Ask the other sessions to let go of C{path} (L{hyperdaemon.sharedfiles})."""
+
+    #: Called (on the reactor) with a path another session asks us to let go of.
+    on_release: Callable[[str], None] | None
 
 
 class _SessionProtocol(LineReceiver):
@@ -205,8 +237,12 @@ class _SessionProtocol(LineReceiver):
         self._link._disconnected(self)
 
     def lineReceived(self, line: bytes) -> None:
-        if self._waiting:
-            self._waiting.pop(0).callback(line.decode("utf-8", "replace").rstrip("\r"))
+        text = line.decode("utf-8", "replace").rstrip("\r")
+        if text.startswith("RELEASE "):
+            # Not a reply: another session asks us to let go of a file.
+            self._link._release_requested(text[len("RELEASE "):])
+        elif self._waiting:
+            self._waiting.pop(0).callback(text)
 
     def ask(self, command: str) -> defer.Deferred[str]:
         d: defer.Deferred[str] = defer.Deferred()
@@ -264,6 +300,9 @@ class DaemonLink:
         self._legacy = False
         self._closing = False
         self.address: DaemonAddress | None = None
+        self.on_release: Callable[[str], None] | None = None
+        #: The daemon accepted our ephemeral database: it drops it if we die.
+        self._daemon_knows_ephemeral = False
         self._heartbeats = HeartbeatDebouncer(reactor, heartbeat_interval, self._heartbeat)
         factory = Factory.forProtocol(lambda: _SessionProtocol(self))
         self._endpoint = DaemonEndpoint(reactor, finder, self._found)
@@ -308,12 +347,36 @@ class DaemonLink:
     def activity(self) -> None:
         self._heartbeats.activity()
 
-    def close(self) -> defer.Deferred[None]:
+    def can_relay_releases(self) -> bool:
+        address = self.address
+        return address is not None and (address.session_protocol or 0) >= RELEASE_PROTOCOL
+
+    def request_release(self, path: str) -> None:
+        protocol = self._protocol
+        if protocol is not None and self.can_relay_releases():
+            protocol.ask("RELEASE " + json.dumps({"path": path})).addErrback(lambda _: None)
+
+    def _release_requested(self, argument: str) -> None:
+        try:
+            path = json.loads(argument)["path"]
+        except (ValueError, KeyError, TypeError):
+            _log.warn("unusable RELEASE from the daemon")
+            return
+        if self.on_release is not None and isinstance(path, str):
+            self.on_release(path)
+
+    def cleans_up_after_us(self) -> bool:
+        return self._daemon_knows_ephemeral and not self._legacy
+
+    def close(self, clean: bool = True) -> defer.Deferred[None]:
         self._closing = True
         self._heartbeats.cancel()
         self._credentials.fail(SessionError("the session is closed"))
         protocol = self._protocol
-        bye = protocol.ask("BYE") if protocol is not None and not self._legacy else defer.succeed("")
+        # BYE tells the daemon we dropped our database: without it, the
+        # daemon drops it once our connection closes.
+        bye = (protocol.ask("BYE") if protocol is not None and not self._legacy and clean
+               else defer.succeed(""))
         bye.addErrback(lambda _: None)
         bye.addCallback(lambda _: self._service.stopService())
         return bye.addCallback(lambda _: None)
@@ -336,7 +399,8 @@ class DaemonLink:
 
     def _register(self, protocol: _SessionProtocol, ephemeral: Path | None) -> None:
         fields = {"pid": os.getpid(), "name": self._name,
-                  "ephemeral_db": str(ephemeral) if ephemeral else None}
+                  "ephemeral_db": str(ephemeral) if ephemeral else None,
+                  "release": True}
 
         def reply(line: str) -> None:
             if line.startswith("ERR") and ephemeral is not None and "ephemeral_db" in line:
@@ -347,6 +411,8 @@ class DaemonLink:
             if line.startswith("ERR") and self._credentials.value is None:
                 self._credentials.fail(SessionError(f"the daemon refused the session: {line[4:]}"))
                 return
+            if line.startswith("OK ") and ephemeral is not None:
+                self._daemon_knows_ephemeral = True
             self._ready_reply(line)
 
         protocol.ask("SESSION " + json.dumps(fields)).addCallbacks(reply, lambda _: None)
@@ -431,7 +497,20 @@ class PrivateHyperd:
     def activity(self) -> None:
         pass
 
-    def close(self) -> defer.Deferred[None]:
+    #: Other processes' private hyperds cannot be reached: files are
+    #: let go of after every call.
+    on_release: Callable[[str], None] | None = None
+
+    def can_relay_releases(self) -> bool:
+        return False
+
+    def request_release(self, path: str) -> None:
+        pass
+
+    def cleans_up_after_us(self) -> bool:
+        return False
+
+    def close(self, clean: bool = True) -> defer.Deferred[None]:
         d = defer.maybeDeferred(self._supervisor.stopService) if self._supervisor.running \
             else defer.succeed(None)
         return d.addBoth(lambda _: shutil.rmtree(self._logs, ignore_errors=True))
@@ -449,6 +528,12 @@ def default_persistent_db(environ: dict[str, str] | None = None) -> Path:
     if not data or not os.path.isabs(data):  # the XDG spec ignores relative paths
         data = os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(data) / "hyperdb" / "workspace.hyper"
+
+
+class _WorkerPool(ThreadPool):
+    """A session's worker: its thread never keeps a finished program alive."""
+
+    threadFactory = functools.partial(threading.Thread, daemon=True)
 
 
 class _turn:
@@ -512,8 +597,16 @@ class Session:
         self.persistent_db = persistent_db
         self.credentials: Credentials | None = None
         self._connection: Any = None
-        self._pool = ThreadPool(1, 1, name="hyperdaemon-session")
+        self._pool = _WorkerPool(1, 1, name="hyperdaemon-session")
         self._closed = False
+        #: Shared files (the persistent database, files attached by name),
+        #: attached only while held (L{hyperdaemon.sharedfiles}).
+        self._files: dict[str, SharedFile] = {}
+        self._locks_fallback = source.sessions_root.parent / LOCKS_NAME
+        if persistent_db is not None:
+            self._files[PERSISTENT_ALIAS] = SharedFile.at(
+                PERSISTENT_ALIAS, persistent_db, self._locks_fallback, create=True)
+        source.on_release = self._release_requested
 
     @classmethod
     def open(
@@ -604,7 +697,12 @@ class Session:
 
         for attempt in range(CONNECT_ATTEMPTS):
             try:
-                return self._connect()
+                self._connect()
+                # Attached once now, so that an unusable persistent
+                # database fails the open, and a new one is created.
+                self._attach_shared()
+                self._after_call(False)
+                return
             except psycopg.OperationalError:
                 if attempt == CONNECT_ATTEMPTS - 1:
                     raise
@@ -614,19 +712,18 @@ class Session:
         """(Re)connect to the current hyperd and attach our databases."""
         import psycopg
 
-        if self._connection is not None:
-            try:
-                self._connection.close()
-            except Exception:
-                pass
-            self._connection = None
+        self._drop_connection()
         for attempt in range(CONNECT_ATTEMPTS):
             credentials = blockingCallFromThread(self._reactor, self._fresh_credentials)
             self.credentials = credentials
             try:
+                # No prepared statements: databases are attached and
+                # detached around calls, and a plan prepared over a table
+                # that has since gone fails ("no longer valid").
                 connection = psycopg.connect(
                     host=credentials.host, port=credentials.port, user=credentials.user,
                     password=credentials.password, autocommit=True, connect_timeout=10,
+                    prepare_threshold=None,
                 )
                 break
             except psycopg.OperationalError:
@@ -639,45 +736,157 @@ class Session:
             ephemeral = _quote(str(self.ephemeral_db))
             connection.execute(f"CREATE DATABASE IF NOT EXISTS {ephemeral}")
             connection.execute(f"ATTACH DATABASE {ephemeral} AS {EPHEMERAL_ALIAS}")
-            if self.persistent_db is not None:
-                self.persistent_db.parent.mkdir(parents=True, exist_ok=True)
-                persistent = _quote(str(self.persistent_db))
-                # Sessions creating and attaching a new persistent database at
-                # the same moment can wedge hyperd: take turns.
-                with _turn(self.persistent_db.parent / ".hyperdb-attach.lock"):
-                    try:
-                        connection.execute(f"CREATE DATABASE IF NOT EXISTS {persistent}")
-                    except psycopg.errors.ObjectInUse:
-                        pass  # another session is creating it right now
-                    connection.execute(f"ATTACH DATABASE {persistent} AS {PERSISTENT_ALIAS}")
             connection.execute(f"SET schema_search_path = '{EPHEMERAL_ALIAS}'")
         except BaseException:
             connection.close()
             raise
         self._connection = connection
 
-    def _run(self, work: Callable[[Any], Any], retry: bool) -> Any:
+    def _drop_connection(self) -> None:
+        """Close the connection to hyperd: every database is detached with it."""
+        connection, self._connection = self._connection, None
+        if connection is not None:
+            try:
+                connection.close()
+            except Exception:
+                pass
+        for shared in self._files.values():
+            shared.attached = False
+            shared.hold.unlock()
+
+    def _run(self, work: Callable[[Any], Any], retry: bool, writes: Writes) -> Any:
         """
-        Run C{work(connection)}; first reconnect if hyperd went away while
-        we were idle.  If the connection dies during C{work} and C{retry} is
-        set, reconnect and run it once more.
+        Run C{work(connection)} with every database attached; first
+        reconnect if hyperd went away while we were idle.  If the connection
+        dies during C{work} and C{retry} is set, reconnect and run it once
+        more.  Then make what it C{writes} durable (L{_after_call}).
         """
         import psycopg
 
         if _broken(self._connection):
             self._report_and_reconnect()
+        started = False
         try:
-            return work(self._connection)
-        except psycopg.OperationalError:
-            if not _broken(self._connection):
+            try:
+                self._attach_shared()
+                started = True
+                result = work(self._connection)
+            except psycopg.OperationalError:
+                if not _broken(self._connection):
+                    raise
+                self._report_and_reconnect()
+                if started and not retry:
+                    raise SessionError(
+                        "hyperd went away during the statement, which may not have completed; "
+                        "the session has reconnected: check, then run it again if needed"
+                    ) from None
+                self._attach_shared()
+                result = work(self._connection)
+        except BaseException:
+            # A failed call may still have changed something (Hyper does
+            # not undo DDL): write out what it may have touched all the same.
+            try:
+                self._after_call(writes)
+            except Exception as e:
+                _log.warn("after a failed call: {error}", error=e)
+            raise
+        self._after_call(writes)
+        return result
+
+    def _attach_shared(self) -> None:
+        """Hold and attach every shared file not attached now."""
+        while pending := [f for f in self._files.values() if not f.attached]:
+            shared = pending[0]
+            take_hold(shared, self._let_go_all)
+            try:
+                self._attach_file(shared)
+            except BaseException:
+                shared.hold.unlock()
                 raise
-            self._report_and_reconnect()
-            if not retry:
-                raise SessionError(
-                    "hyperd went away during the statement, which may not have completed; "
-                    "the session has reconnected: check, then run it again if needed"
-                ) from None
-            return work(self._connection)
+            shared.attached = True
+
+    def _attach_file(self, shared: SharedFile) -> None:
+        import psycopg
+
+        quoted = _quote(str(shared.path))
+        attach = f"ATTACH DATABASE {quoted} AS {_quote(shared.alias)}"
+        if not shared.create:
+            self._connection.execute(attach)
+            return
+        shared.path.parent.mkdir(parents=True, exist_ok=True)
+        # Sessions creating and attaching a new database at the same
+        # moment can wedge hyperd: take turns.
+        with _turn(shared.path.parent / ".hyperdb-attach.lock"):
+            try:
+                self._connection.execute(f"CREATE DATABASE IF NOT EXISTS {quoted}")
+            except psycopg.errors.ObjectInUse:
+                pass  # another session is creating it right now
+            self._connection.execute(attach)
+
+    def _let_go(self, shared: SharedFile) -> None:
+        """Detach a shared file and let go of its hold."""
+        if shared.attached:
+            try:
+                self._connection.execute(f"DETACH DATABASE {_quote(shared.alias)}")
+            except Exception:
+                # Never let go of a hold on a file that may still be
+                # attached: closing the connection detaches everything.
+                self._drop_connection()
+                return
+            shared.attached = False
+        shared.hold.unlock()
+
+    def _let_go_all(self) -> None:
+        for shared in self._files.values():
+            self._let_go(shared)
+
+    def _after_call(self, writes: Writes) -> None:
+        """
+        Make the call's writes to shared files durable: detach them and wait
+        until no session has them attached (L{hyperdaemon.sharedfiles}).
+        Without a way to ask other sessions to let go, let go of every file
+        after each call, so that nobody waits on an idle session.
+        """
+        if callable(writes):
+            writes = writes()
+        if writes is True:
+            written = [f for f in self._files.values() if f.attached]
+        elif writes:
+            written = [f for a, f in self._files.items() if a in writes and f.attached]
+        else:
+            written = []
+        if written and self._connection is not None:
+            for shared in written:
+                self._let_go(shared)
+            for shared in written:
+                try:
+                    wait_until_written(
+                        shared, functools.partial(self._nudge, str(shared.path)))
+                except NotDurable as e:
+                    raise SessionError(str(e)) from None
+        if not self._source.can_relay_releases():
+            self._let_go_all()
+
+    def _nudge(self, path: str) -> None:
+        blockingCallFromThread(self._reactor, self._request_release, path)
+
+    def _request_release(self, path: str) -> None:
+        self._source.request_release(path)
+
+    def _release_requested(self, path: str) -> None:
+        """Another session waits for C{path}: let go of it after the current call."""
+        if self._closed or not any(str(f.path) == path and f.attached
+                                   for f in self._files.values()):
+            return
+
+        def let_go() -> None:
+            for shared in self._files.values():
+                if str(shared.path) == path:
+                    self._let_go(shared)
+
+        self._in_worker(let_go).addErrback(
+            lambda f: _log.warn("could not let go of {path}: {error}", path=path,
+                                error=f.getErrorMessage()))
 
     def _report_and_reconnect(self) -> None:
         blockingCallFromThread(self._reactor, self._report_error)
@@ -704,18 +913,29 @@ class Session:
     # -- public API ----------------------------------------------------------
 
     def query(self, sql: str, params: Sequence[Any] | None = None) -> defer.Deferred[Result]:
-        """Run one statement that returns rows; fires with a L{Result}."""
+        """
+        Run one statement that returns rows; fires with a L{Result}.  A
+        statement that wrote (C{INSERT ... RETURNING}, say) is made durable
+        as L{execute} does.
+        """
+        tags: list[str] = []
+
         def work(connection: Any) -> Result:
             cursor = connection.execute(sql, params)
+            tags.append((cursor.statusmessage or "").split(" ", 1)[0])
             columns = [c.name for c in cursor.description or []]
             return Result(columns, cursor.fetchall() if cursor.description else [])
 
-        return self.call(work, retry=True)
+        def wrote() -> bool:
+            return not tags or tags[-1] not in READ_TAGS
+
+        return self.call(work, retry=True, writes=wrote)
 
     def execute(self, statements: str | Sequence[str]) -> defer.Deferred[int]:
         """
         Run one statement, or several atomically (in one transaction);
-        fires with the number of rows affected (summed).
+        fires with the number of rows affected (summed), once the changes
+        to shared databases are written to disk.
         """
         batch = [statements] if isinstance(statements, str) else list(statements)
 
@@ -731,17 +951,65 @@ class Session:
 
         return self.call(work)
 
-    def call(self, work: Callable[[Any], Any], retry: bool = False) -> defer.Deferred[Any]:
+    def call(self, work: Callable[[Any], Any], retry: bool = False,
+             writes: Writes = True) -> defer.Deferred[Any]:
         """
         Run C{work(connection)} on the session's worker thread with its
         psycopg connection (autocommit; databases attached, search path on
         C{local}); fires with what it returns.  C{retry}: run it once more
         if hyperd went away during it (only for work that is safe to
-        repeat).
+        repeat).  C{writes}: what C{work} may change among the shared
+        databases (C{True}: any; C{False}: none; or their aliases); those
+        are written to disk before the Deferred fires, so that the change
+        survives even a SIGKILL of hyperd.  The session's own C{local}
+        database is scratch and is not written out after each call.
         """
         self._check_open()
         self._source.activity()
-        return self._in_worker(self._run, work, retry)
+        return self._in_worker(self._run, work, retry, writes)
+
+    def attach(self, alias: str, path: str | os.PathLike[str],
+               create: bool = False) -> defer.Deferred[None]:
+        """
+        Attach a database file under C{alias} (creating it with C{create}),
+        as a shared file: other sessions may use it at the same time, and
+        writes to it are made durable like those to C{persistent}.
+        """
+        self._check_open()
+        if alias in self._files or alias == EPHEMERAL_ALIAS:
+            return defer.fail(SessionError(f"{alias!r} is already attached"))
+        shared = SharedFile.at(alias, Path(os.path.abspath(path)), self._locks_fallback,
+                               create=create)
+
+        def attach(connection: Any) -> None:
+            self._files[alias] = shared
+            try:
+                self._attach_shared()
+            except BaseException:
+                del self._files[alias]
+                shared.close()
+                raise
+
+        return self.call(attach, writes=False)
+
+    def detach(self, alias: str) -> defer.Deferred[None]:
+        """Detach a file attached with L{attach}."""
+        self._check_open()
+        if alias not in self._files or alias == PERSISTENT_ALIAS:
+            return defer.fail(SessionError(f"{alias!r} was not attached with attach()"))
+
+        def detach(connection: Any) -> None:
+            shared = self._files.pop(alias, None)
+            if shared is not None:
+                self._let_go(shared)
+                shared.close()
+
+        return self.call(detach, writes=False)
+
+    @property
+    def attached_files(self) -> dict[str, Path]:
+        """The shared files by alias (C{persistent} and those of L{attach})."""
+        return {alias: shared.path for alias, shared in self._files.items()}
 
     def _check_open(self) -> None:
         if self._closed:
@@ -749,8 +1017,10 @@ class Session:
 
     def close(self) -> defer.Deferred[None]:
         """
-        End the session: detach and delete the ephemeral database, tell the
-        daemon, stop what was started.  Persistent data stays.
+        End the session: cancel the statement under way, detach and delete
+        the ephemeral database, tell the daemon, stop what was started.
+        Persistent data stays.  If the ephemeral database could not be
+        dropped, the daemon is left to drop it (no C{BYE}).
         """
         if self._closed:
             return defer.succeed(None)
@@ -758,22 +1028,43 @@ class Session:
         return defer.ensureDeferred(self._close())
 
     async def _close(self) -> None:
+        dropped = False
         if self._pool.started:
+            connection = self._connection
+            if self._pool.working and connection is not None:
+                # A long statement would hold the drop (and the exit) up.
+                await deferToThread(_cancel, connection)
             try:
-                await self._in_worker(self._drop_ephemeral)
+                dropped = await self._in_worker(self._drop_ephemeral)
             except Exception as e:
                 _log.warn("could not drop {path}: {error}", path=str(self.ephemeral_db), error=e)
-        await self._source.close()
+        await self._source.close(clean=dropped)
         if self._pool.started:
             await deferToThread(self._pool.stop)
-        await deferToThread(shutil.rmtree, self.ephemeral_db.parent, True)
+        if dropped or not self._source.cleans_up_after_us():
+            await deferToThread(shutil.rmtree, self.ephemeral_db.parent, True)
 
-    def _drop_ephemeral(self) -> None:
+    def _drop_ephemeral(self) -> bool:
+        """Let go of every database, then drop ours; whether it is gone."""
+        try:
+            self._let_go_all()
+        except Exception as e:
+            _log.warn("could not detach the shared databases: {error}", error=e)
+        for shared in self._files.values():
+            shared.close()
         connection, self._connection = self._connection, None
         if connection is None or connection.closed:
-            return
+            return False
         try:
             connection.execute(f"DETACH DATABASE {EPHEMERAL_ALIAS}")
             connection.execute(f"DROP DATABASE IF EXISTS {_quote(str(self.ephemeral_db))}")
+            return True
         finally:
             connection.close()
+
+
+def _cancel(connection: Any) -> None:
+    try:
+        connection.cancel_safe(timeout=5.0)
+    except Exception:
+        pass

@@ -1,0 +1,190 @@
+"""
+Writes to shared databases are on disk before they are acknowledged: they
+survive a SIGKILL of hyperd right after, however many sessions have the file
+attached (real daemon, real hyperd; see hyperdaemon/sharedfiles.py).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from pathlib import Path
+
+import pytest
+from twisted.internet import reactor
+
+from hyperdaemon.session import Session
+from hyperdaemon.sharedfiles import LockFile, NotDurable, SharedFile, take_hold, wait_until_written
+from support import QUICK, pid_alive, until
+from test_session import ClientTestCase
+
+ROWS = 1000
+
+
+class DurableWriteTests(ClientTestCase):
+    async def kill_hyperd(self) -> None:
+        """SIGKILL hyperd (nothing graceful) and wait for its replacement."""
+        before = self.daemon_status()
+        os.kill(before["hyperd_pid"], signal.SIGKILL)
+        await until(lambda: not pid_alive(before["hyperd_pid"]), QUICK, "hyperd to die")
+        await until(lambda: self.daemon_status()["hyperd_pid"] not in (None, before["hyperd_pid"])
+                    and self.daemon_status()["state"] == "ready", QUICK, "a new hyperd")
+
+    async def count(self, session: Session, table: str) -> int:
+        return (await session.query(f"SELECT count(*) FROM {table}")).rows[0][0]
+
+    async def test_a_write_survives_sigkill_while_other_sessions_hold_the_file(self) -> None:
+        writer = await self.open(name="writer")
+        readers = [await self.open(name=f"reader{i}") for i in range(2)]
+        await writer.execute("CREATE TABLE persistent.public.seen (x int)")
+        for reader in readers:
+            # Each reader now has the persistent database attached, idle.
+            self.assertEqual(await self.count(reader, "persistent.public.seen"), 0)
+        await writer.execute(
+            f"CREATE TABLE persistent.public.kept AS "
+            f"SELECT generate_series AS x FROM generate_series(1, {ROWS})")
+        await self.kill_hyperd()
+        fresh = await self.open(name="after")
+        self.assertEqual(await self.count(fresh, "persistent.public.kept"), ROWS)
+        # The readers carry on, and see it too.
+        for reader in readers:
+            self.assertEqual(await self.count(reader, "persistent.public.kept"), ROWS)
+
+    async def test_rows_inserted_by_a_batch_survive_sigkill(self) -> None:
+        one = await self.open()
+        other = await self.open()
+        await one.execute("CREATE TABLE persistent.public.log (x int)")
+        self.assertEqual(await self.count(other, "persistent.public.log"), 0)
+        await one.execute([f"INSERT INTO persistent.public.log VALUES ({i})" for i in range(5)])
+        await self.kill_hyperd()
+        self.assertEqual(await self.count(other, "persistent.public.log"), 5)
+
+    async def test_a_query_that_writes_is_made_durable_too(self) -> None:
+        session = await self.open()
+        other = await self.open()
+        await session.execute("CREATE TABLE persistent.public.ret (x int)")
+        self.assertEqual(await self.count(other, "persistent.public.ret"), 0)
+        result = await session.query("INSERT INTO persistent.public.ret VALUES (9) RETURNING x")
+        self.assertEqual(result.rows, [(9,)])
+        await self.kill_hyperd()
+        self.assertEqual(await self.count(other, "persistent.public.ret"), 1)
+
+    async def test_a_file_attached_by_name_is_made_durable_too(self) -> None:
+        path = self.tmp / "extra.hyper"
+        one = await self.open()
+        two = await self.open()
+        await one.attach("extra", path, create=True)
+        await two.attach("extra", path)
+        await one.execute("CREATE TABLE extra.public.t AS SELECT 1 AS x")
+        self.assertEqual(await self.count(two, "extra.public.t"), 1)
+        await one.execute("INSERT INTO extra.public.t VALUES (2)")
+        await self.kill_hyperd()
+        self.assertEqual(await self.count(two, "extra.public.t"), 2)
+        self.assertEqual(sorted(two.attached_files), ["extra", "persistent"])
+        await two.detach("extra")
+        self.assertEqual(sorted(two.attached_files), ["persistent"])
+
+    async def test_a_reading_session_sees_writes_of_another_made_meanwhile(self) -> None:
+        reader = await self.open()
+        writer = await self.open()
+        await writer.execute("CREATE TABLE persistent.public.n (x int)")
+        for i in range(1, 4):
+            await writer.execute(f"INSERT INTO persistent.public.n VALUES ({i})")
+            self.assertEqual(await self.count(reader, "persistent.public.n"), i)
+
+    async def test_reads_only_keep_the_file_attached_between_calls(self) -> None:
+        session = await self.open()
+        shared = session._files["persistent"]
+        await session.query("SELECT 1")
+        self.assertTrue(shared.attached)
+        # Nobody else could take the hold exclusively while it is held.
+        probe = LockFile(shared.hold.path)
+        try:
+            self.assertFalse(probe.lock(exclusive=True, wait=False))
+            await session.execute("CREATE TABLE persistent.public.w (x int)")
+            # After a write the session has let go (it attaches again at
+            # its next call).
+            self.assertFalse(shared.attached)
+            self.assertTrue(probe.lock(exclusive=True, wait=False))
+        finally:
+            probe.close()
+
+    async def test_closing_a_session_lets_go_of_the_file(self) -> None:
+        session = await self.open()
+        hold = session._files["persistent"].hold.path
+        await session.close()
+        probe = LockFile(hold)
+        try:
+            self.assertTrue(probe.lock(exclusive=True, wait=False))
+        finally:
+            probe.close()
+
+
+class NoDaemonDurabilityTests(ClientTestCase):
+    async def test_without_the_daemon_a_write_survives_sigkill(self) -> None:
+        session = await self.open(no_daemon=True)
+        await session.execute("CREATE TABLE persistent.public.solo AS SELECT 5 AS x")
+        hyperd = session._source._supervisor.pid
+        os.kill(hyperd, signal.SIGKILL)
+        await until(lambda: session._source._supervisor.pid not in (None, hyperd), QUICK,
+                    "a new private hyperd")
+        self.assertEqual((await session.query("SELECT x FROM persistent.public.solo")).rows,
+                         [(5,)])
+
+
+@pytest.fixture
+def shared(tmp_path: Path):
+    files = []
+
+    def make() -> SharedFile:
+        f = SharedFile.at("p", tmp_path / "p.hyper", tmp_path / "locks")
+        files.append(f)
+        return f
+
+    yield make
+    for f in files:
+        f.close()
+
+
+def test_a_writer_nudges_holders_every_interval_and_gives_up_at_the_timeout(shared) -> None:
+    holder, writer = shared(), shared()
+    take_hold(holder, let_go=lambda: None)
+    now = [0.0]
+    nudges = []
+
+    def sleep(seconds: float) -> None:
+        now[0] += seconds
+
+    with pytest.raises(NotDurable, match="kept it attached for 3 s"):
+        wait_until_written(writer, nudge=lambda: nudges.append(now[0]), timeout=3.0,
+                           clock=lambda: now[0], sleep=sleep)
+    assert [round(t) for t in nudges] == [0, 1, 2]
+    # Once the holder lets go, the writer gets through at once.
+    holder.hold.unlock()
+    wait_until_written(writer, nudge=lambda: None, timeout=3.0, clock=lambda: now[0], sleep=sleep)
+
+
+def test_a_session_that_would_attach_while_a_writer_waits_lets_go_first(shared) -> None:
+    reader, writer = shared(), shared()
+    take_hold(reader, let_go=lambda: None)
+    let_go = threading.Event()
+    waiting = threading.Thread(target=wait_until_written, args=(writer, let_go.set),
+                               kwargs={"timeout": QUICK})
+    waiting.start()
+    # The writer nudges the reader (which lets go); a late reader asking
+    # for the file meanwhile is asked to let go of what it holds too.
+    assert let_go.wait(QUICK)
+    late = shared()
+    released = []
+
+    def late_lets_go() -> None:
+        released.append(True)
+        reader.hold.unlock()
+
+    take_hold(late, let_go=late_lets_go)
+    waiting.join(QUICK)
+    assert not waiting.is_alive()
+    assert released == [True]
+    late.hold.unlock()
+
