@@ -44,7 +44,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from . import __version__
+from . import __version__, peeruid
 from .config import HYPERD_USER
 from .discovery import SESSIONS_NAME, CorruptDiscovery, read_record
 from .finder import DaemonAddress, Finder
@@ -305,6 +305,7 @@ class DaemonLink:
         self._daemon_knows_ephemeral = False
         self._heartbeats = HeartbeatDebouncer(reactor, heartbeat_interval, self._heartbeat)
         factory = Factory.forProtocol(lambda: _SessionProtocol(self))
+        factory.noisy = False
         self._endpoint = DaemonEndpoint(reactor, finder, self._found)
         self._service = ClientService(
             self._endpoint, factory,
@@ -390,6 +391,19 @@ class DaemonLink:
     def _connected(self, protocol: _SessionProtocol) -> None:
         if self._closing:
             protocol.transport.loseConnection()
+            return
+        # The port may have changed hands since the daemon was found: nothing
+        # but PING goes out before the kernel says this user accepted us.
+        protocol.ask("PING").addCallbacks(lambda _: self._answered(protocol), lambda _: None)
+
+    def _answered(self, protocol: _SessionProtocol) -> None:
+        if self._closing:
+            protocol.transport.loseConnection()
+            return
+        if not peeruid.own_server(protocol.transport):
+            _log.warn("port {port} is no longer this user's daemon: not used",
+                      port=protocol.transport.getPeer().port)
+            protocol.transport.abortConnection()
             return
         self._protocol = protocol
         if self._legacy:
