@@ -1,25 +1,39 @@
 """
 Unit tests for L{hyperdaemon.peeruid} over real loopback sockets (plain
-C{socket}, ephemeral ports; no Twisted reactor).  Linux only.
+C{socket}, ephemeral ports; no Twisted reactor).  Linux only; the tests
+with a socket of another uid need root.
 """
 
 from __future__ import annotations
 
 import os
 import socket
+from typing import Callable, TypeVar
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from hyperdaemon import peeruid
-from hyperdaemon.peeruid import UnknownPeer, _uid_by_netlink, _uid_by_procfs, peer_uid, same_user
+from hyperdaemon.peeruid import (
+    UnknownPeer,
+    _listener_uid_by_procfs,
+    _uid_by_netlink,
+    _uid_by_procfs,
+    describe_uid,
+    listener_uid,
+    own_server,
+    peer_uid,
+    same_user,
+    server_uid,
+)
 
 #: A uid that is not ours, for the tests that can create sockets as another
 #: user (only root can).
 OTHER_UID = 65534
 
 Address = tuple[str, int]
+T = TypeVar("T")
 
 
 class PeerUidTests(SynchronousTestCase):
@@ -145,3 +159,159 @@ class PeerUidTests(SynchronousTestCase):
         self.require_root()
         server, client = self.connected_pair(client_uid=OTHER_UID)
         self.assertFalse(same_user(self.transport_for(server, client)))
+
+
+class ServerAndListenerUidTests(SynchronousTestCase):
+    """The client's side: who accepted our connection, who listens on a port."""
+
+    if not peeruid.SUPPORTED:
+        skip = "socket owners are only looked up on Linux"
+
+    def as_uid(self, uid: int | None, make: Callable[[], T]) -> T:
+        """C{make()} run with the effective uid C{uid} (the owner of what it creates)."""
+        if uid is None or uid == os.geteuid():
+            return make()
+        if os.geteuid() != 0:
+            raise SkipTest("only root can create a socket owned by another uid")
+        saved = os.geteuid()
+        os.seteuid(uid)
+        try:
+            return make()
+        finally:
+            os.seteuid(saved)
+
+    def listener(self, host: str = "127.0.0.1", owner: int | None = None,
+                 family: socket.AddressFamily = socket.AF_INET,
+                 v6only: bool | None = None) -> tuple[socket.socket, int]:
+        s = self.as_uid(owner, lambda: socket.socket(family, socket.SOCK_STREAM))
+        self.addCleanup(s.close)
+        if v6only is not None:
+            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, int(v6only))
+        s.bind((host, 0))
+        s.listen()
+        return s, s.getsockname()[1]
+
+    def client(self, port: int) -> socket.socket:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.addCleanup(s.close)
+        return s
+
+    def accept(self, listener: socket.socket, owner: int | None = None) -> socket.socket:
+        accepted, _ = self.as_uid(owner, listener.accept)
+        self.addCleanup(accepted.close)
+        return accepted
+
+    # -- server_uid -------------------------------------------------------------
+
+    def test_server_uid_of_a_connection_we_accepted_is_our_euid(self) -> None:
+        listener, port = self.listener()
+        client = self.client(port)
+        self.accept(listener)
+        self.assertEqual(server_uid(client), os.geteuid())
+
+    def test_server_uid_names_the_user_who_accepted_the_connection(self) -> None:
+        # The listener is ours; the process that accepted is another user's:
+        # it is the one that reads what we send.
+        listener, port = self.listener()
+        client = self.client(port)
+        self.accept(listener, owner=OTHER_UID)
+        self.assertEqual(server_uid(client), OTHER_UID)
+
+    def test_server_uid_of_another_users_daemon(self) -> None:
+        listener, port = self.listener(owner=OTHER_UID)
+        client = self.client(port)
+        self.accept(listener, owner=OTHER_UID)
+        self.assertEqual(server_uid(client), OTHER_UID)
+
+    def test_server_uid_is_unknown_until_the_server_accepts(self) -> None:
+        _, port = self.listener()
+        client = self.client(port)
+        self.assertRaises(UnknownPeer, server_uid, client)
+
+    def test_server_uid_is_unknown_once_the_server_closed_its_end(self) -> None:
+        listener, port = self.listener()
+        client = self.client(port)
+        self.accept(listener).close()
+        self.assertRaises(UnknownPeer, server_uid, client)
+
+    def test_own_server_for_a_twisted_client_transport(self) -> None:
+        listener, port = self.listener()
+        theirs = self.client(port)
+        self.accept(listener, owner=OTHER_UID)
+        mine = self.client(port)
+        self.accept(listener)
+
+        class Transport:
+            """What own_server uses of a Twisted TCP client transport."""
+
+            def __init__(self, sock: socket.socket) -> None:
+                self.sock = sock
+
+            def getHandle(self) -> socket.socket:
+                return self.sock
+
+        self.assertFalse(own_server(Transport(theirs)))  # type: ignore[arg-type]
+        self.assertTrue(own_server(Transport(mine)))  # type: ignore[arg-type]
+
+    # -- listener_uid -----------------------------------------------------------
+
+    def test_listener_uid_of_our_listener(self) -> None:
+        _, port = self.listener()
+        self.assertEqual(listener_uid(port), os.geteuid())
+
+    def test_listener_uid_of_another_users_listener(self) -> None:
+        _, port = self.listener(owner=OTHER_UID)
+        self.assertEqual(listener_uid(port), OTHER_UID)
+        self.assertEqual(listener_uid(port, "127.0.0.1"), OTHER_UID)
+
+    def test_listener_uid_of_a_wildcard_listener(self) -> None:
+        _, port = self.listener("0.0.0.0", owner=OTHER_UID)
+        self.assertEqual(listener_uid(port), OTHER_UID)
+
+    def test_listener_uid_of_a_dual_stack_ipv6_listener(self) -> None:
+        if not socket.has_ipv6:
+            raise SkipTest("no IPv6")
+        _, port = self.listener("::", owner=OTHER_UID, family=socket.AF_INET6, v6only=False)
+        self.assertEqual(listener_uid(port), OTHER_UID)
+
+    def test_an_ipv6_only_listener_does_not_hold_the_ipv4_port(self) -> None:
+        if not socket.has_ipv6:
+            raise SkipTest("no IPv6")
+        _, port = self.listener("::", owner=OTHER_UID, family=socket.AF_INET6, v6only=True)
+        self.assertIsNone(listener_uid(port))
+
+    def test_listener_uid_is_none_where_nothing_listens(self) -> None:
+        s = socket.socket()
+        self.addCleanup(s.close)
+        s.bind(("127.0.0.1", 0))  # bound, never listening
+        self.assertIsNone(listener_uid(s.getsockname()[1]))
+
+    def test_a_connection_is_not_a_listener(self) -> None:
+        # The port of our own end of a connection: nothing listens there.
+        listener, port = self.listener()
+        client = self.client(port)
+        self.accept(listener)
+        self.assertIsNone(listener_uid(client.getsockname()[1]))
+
+    def test_procfs_agrees_with_netlink_on_listeners(self) -> None:
+        _, ours = self.listener()
+        _, theirs = self.listener(owner=OTHER_UID)
+        _, wildcard = self.listener("0.0.0.0", owner=OTHER_UID)
+        nothing = socket.socket()
+        self.addCleanup(nothing.close)
+        nothing.bind(("127.0.0.1", 0))
+        for port in (ours, theirs, wildcard, nothing.getsockname()[1]):
+            self.assertEqual(_listener_uid_by_procfs(port, "127.0.0.1"), listener_uid(port), port)
+
+    def test_listener_uid_falls_back_to_procfs(self) -> None:
+        _, port = self.listener(owner=OTHER_UID)
+
+        def broken(local: Address, remote: Address) -> tuple[int, int, int]:
+            raise OSError("sock_diag is not available")
+
+        self.patch(peeruid, "_diag_by_netlink", broken)
+        self.assertEqual(listener_uid(port), OTHER_UID)
+
+    def test_describe_uid(self) -> None:
+        self.assertEqual(describe_uid(0), "root (uid 0)")
+        self.assertEqual(describe_uid(2_000_000_123), "uid 2000000123")
