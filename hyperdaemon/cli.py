@@ -23,8 +23,9 @@ from typing import Any, NoReturn, Sequence
 from . import __version__, config
 from .healthclient import (
     DaemonError,
-    HealthConnection,
+    PortProbe,
     PortState,
+    connect_own,
     locate,
     status as fetch_status,
     wait_pid_gone,
@@ -126,18 +127,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     return run_daemon(options)
 
 
+def _skipped(probe: PortProbe) -> None:
+    print(f"{PROG}: skipped port {probe.port}: it is held by {probe.held_by()}.",
+          file=sys.stderr)
+
+
 def _locate(options: dict[str, Any]) -> tuple[int | None, int]:
-    """The port of the running daemon (or None), and an exit code for errors."""
+    """
+    The port of this user's running daemon (or None), and an exit code for
+    errors.  Ports held by other users are skipped with a note on stderr; a
+    pinned one is an error.
+    """
     try:
         choice = config.port_choice(options.get("port"), os.environ)
         state = config.state_dir(options.get("state_dir"), os.environ)
     except config.ConfigError as e:
         return None, _fail(str(e), 2)
-    found = locate(state, choice)
+    found = locate(state, choice, on_skip=_skipped)
     if found is not None and found.state is PortState.OTHER_USER:
         return None, _fail(
-            f"the daemon on port {found.port} belongs to another user and answers only PING; "
-            f"run your own on another port."
+            f"port {found.port} is held by {found.held_by()}, not by your daemon: "
+            f"pin a port of your own with --port or HYPERDB_DAEMON_PORT."
         )
     return (found.port if found else None), 0
 
@@ -238,7 +248,7 @@ def daemon_stop(options: dict[str, Any]) -> int:
     except (OSError, DaemonError):
         pass
     try:
-        with HealthConnection(port) as conn:
+        with connect_own(port) as conn:
             reply = conn.ask("STOP")
             if reply != "STOPPING":
                 return _fail(f"the daemon on port {port} refused to stop: {reply}")

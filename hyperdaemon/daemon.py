@@ -57,14 +57,21 @@ SESSION_PROTOCOL = 2
 
 
 def _own_daemon_among(ports: tuple[int, ...]) -> int | None:
-    """The first of C{ports} where a daemon of this user answers (blocking)."""
-    from .healthclient import PortState, probe_port
+    """
+    The first of C{ports} where a daemon of this user answers (blocking).
+    A daemon-shaped answer from a port another user holds does not count
+    (L{probe_port} checks the owner); such a port is logged and skipped.
+    """
+    from .healthclient import PortState, log_skipped, probe_port
 
     for port in ports:
         # Generous: a daemon that has bound its port may not answer until its
         # reactor runs, which takes a while on a loaded machine.
-        if probe_port(port, timeout=5.0).state is PortState.DAEMON:
+        found = probe_port(port, timeout=5.0)
+        if found.state is PortState.DAEMON:
             return port
+        if found.state is PortState.OTHER_USER:
+            log_skipped(found)
     return None
 
 

@@ -1,6 +1,9 @@
 """
 How a client gets a daemon: find the running one, take over an older one of
-ours, or spawn one, surviving races with other clients doing the same.
+ours, or spawn one, surviving races with other clients doing the same.  Only
+a daemon of this user is ever used: ports held by other users are skipped
+(L{hyperdaemon.healthclient.locate}), and every connection that sends more
+than C{PING} is checked again on its own (L{connect_own}).
 
 Everything here blocks (sockets with timeouts, a pipe): run it in a worker
 thread, never on the reactor thread.  The decisions are small pure functions
@@ -25,8 +28,8 @@ from .config import PortChoice, port_choice, state_dir as resolve_state_dir
 from .discovery import LOGS_NAME, prepare_state_dir
 from .healthclient import (
     DaemonError,
-    HealthConnection,
     PortState,
+    connect_own,
     locate,
     status,
     wait_pid_gone,
@@ -139,8 +142,8 @@ class Finder:
             found = locate(self.state_dir, self.choice)
             if found is not None and found.state is PortState.OTHER_USER:
                 raise DaemonUnavailable(
-                    f"The daemon on port {found.port} belongs to another user: pin a port "
-                    f"of your own with HYPERDB_DAEMON_PORT."
+                    f"Port {found.port} is held by {found.held_by()}, not by your daemon: "
+                    f"pin a port of your own with HYPERDB_DAEMON_PORT."
                 )
             if found is not None:
                 try:
@@ -173,7 +176,7 @@ class Finder:
         """Stop an older daemon for a takeover; C{False} if it would not go."""
         pid = address.facts.get("pid")
         try:
-            with HealthConnection(address.port) as conn:
+            with connect_own(address.port) as conn:
                 if conn.ask("STOP") != "STOPPING":
                     return False
                 conn.wait_closed(TAKEOVER_TIMEOUT)

@@ -1,9 +1,18 @@
 """
 Blocking helpers that speak the health protocol to a daemon on 127.0.0.1.
 
-Used by the command line (C{hyperdb-mcp daemon status|stop}) and by the
-start-up checks that run before the reactor does; never call them from the
-reactor thread.  Every call is bounded by a timeout.
+Used by the command line (C{hyperdb-mcp daemon status|stop}), by the
+finder and by the start-up checks that run before the reactor does; never
+call them from the reactor thread.  Every call is bounded by a timeout.
+
+A daemon-shaped answer proves nothing: another local user can run a program
+that answers C{PONG hyperdb-mcp ...} on a port of the range.  So nothing but
+C{PING} goes to a port before the kernel has said that this user owns the
+socket at the other end (L{hyperdaemon.peeruid}): first who listens there
+(cheap, and another user's port is then not even connected to), then, once
+the port has answered C{PING}, who accepted that very connection (which no
+change of hands can fool).  Where the kernel cannot tell (not Linux), a
+daemon that answers C{PING} is trusted.
 """
 
 from __future__ import annotations
@@ -15,13 +24,16 @@ import select
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import attrs
+from twisted.logger import Logger
 
-from . import PRODUCT
+from . import PRODUCT, peeruid
 from .config import PortChoice
 from .discovery import CorruptDiscovery, read_record, remove_record
+
+_log = Logger()
 
 #: Seconds to wait for a reply from a port that may not be a daemon.
 IDENTIFY_TIMEOUT = 0.5
@@ -34,11 +46,12 @@ MAX_REPLY = 16 * 1024 * 1024
 class PortState(enum.Enum):
     #: Nothing listens there.
     FREE = "free"
-    #: A daemon that serves this user (or one that cannot tell users apart).
+    #: A daemon run by this user (where the owner cannot be learned: any
+    #: program that answers an identified PING).
     DAEMON = "daemon"
-    #: A daemon that refuses this user: another user's.
+    #: Held by another user, daemon-shaped or not: never sent more than PING.
     OTHER_USER = "other-user"
-    #: Anything else.
+    #: Anything else, including a port whose owner could not be learned.
     FOREIGN = "foreign"
 
 
@@ -46,11 +59,33 @@ class PortState(enum.Enum):
 class PortProbe:
     port: int
     state: PortState
+    #: The daemon's version, if the port answered an identified PING.
     version: str | None = None
+    #: The uid owning the port, where it was learned.
+    owner: int | None = None
+
+    def held_by(self) -> str:
+        """
+        Who holds the port, for a message: C{"another user, nobody (uid
+        65534)"}, or C{"a hyperdb-mcp daemon of another user, ..."} once it
+        has answered C{PING}.
+        """
+        who = "another user" if self.owner is None else (
+            f"another user, {peeruid.describe_uid(self.owner)}"
+        )
+        return who if self.version is None else f"a hyperdb-mcp daemon of {who}"
 
 
 class DaemonError(Exception):
     """A daemon did not answer as the protocol says; C{str()} says how."""
+
+
+class OtherUsersPort(DaemonError):
+    """The port is held by another user: nothing but C{PING} was sent."""
+
+    def __init__(self, probe: PortProbe) -> None:
+        super().__init__(f"port {probe.port} is held by {probe.held_by()}, not by your daemon")
+        self.probe = probe
 
 
 def parse_pong(line: str) -> str | None:
@@ -99,6 +134,19 @@ class HealthConnection:
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode("utf-8", "replace").rstrip("\r")
 
+    def identify(self) -> str | None:
+        """Send C{PING}: the daemon's version, or C{None} if the answer is not a daemon's."""
+        return parse_pong(self.ask("PING"))
+
+    def server_owner(self) -> int | None:
+        """
+        The uid owning the server end of this connection (L{peeruid.server_uid});
+        ask after a reply.
+
+        @raise peeruid.UnknownPeer: if that cannot be learned.
+        """
+        return peeruid.server_uid(self._sock)
+
     def wait_closed(self, timeout: float) -> bool:
         """Wait until the daemon closes the connection; C{False} on timeout."""
         deadline = time.monotonic() + timeout
@@ -116,34 +164,72 @@ class HealthConnection:
                 return True
 
 
+def _other_user(owner: int | None) -> bool:
+    return owner is not None and owner != os.geteuid()
+
+
 def probe_port(port: int, timeout: float = IDENTIFY_TIMEOUT) -> PortProbe:
     """
-    Tell whether C{port} is free, foreign, another user's daemon, or a
-    daemon of ours (and its version).  A daemon is asked for C{STATUS} too:
-    another user's answers C{ERR forbidden}.
+    Tell whether C{port} is free, another user's, a daemon of ours (and its
+    version), or anything else.  Another user's port is told by its
+    listener's owner before it is connected to; else it gets one C{PING},
+    and a daemon-shaped answer counts only if this user accepted the
+    connection.
     """
+    owner = peeruid.listener_uid(port)
+    if _other_user(owner):
+        return PortProbe(port, PortState.OTHER_USER, owner=owner)
     try:
         with HealthConnection(port, timeout) as conn:
-            version = parse_pong(conn.ask("PING"))
+            version = conn.identify()
             if version is None:
-                return PortProbe(port, PortState.FOREIGN)
-            if conn.ask("STATUS") == "ERR forbidden":
-                return PortProbe(port, PortState.OTHER_USER, version)
+                return PortProbe(port, PortState.FOREIGN, owner=owner)
+            owner = conn.server_owner()
     except ConnectionRefusedError:
         return PortProbe(port, PortState.FREE)
-    except (OSError, DaemonError):
+    except (OSError, DaemonError, peeruid.UnknownPeer):
         return PortProbe(port, PortState.FOREIGN)
-    return PortProbe(port, PortState.DAEMON, version)
+    if _other_user(owner):
+        return PortProbe(port, PortState.OTHER_USER, version, owner)
+    return PortProbe(port, PortState.DAEMON, version, owner)
+
+
+def connect_own(port: int, timeout: float = REQUEST_TIMEOUT) -> HealthConnection:
+    """
+    A connection to the daemon of this user on C{port}, checked before
+    anything but C{PING} is sent on it (L{probe_port}), so that a port that
+    changed hands since it was probed gets nothing.
+
+    @raise OtherUsersPort: if another user holds the port.
+    @raise DaemonError: if it is not a daemon, or its owner cannot be learned.
+    @raise OSError: on a socket error or timeout.
+    """
+    conn = HealthConnection(port, timeout)
+    try:
+        version = conn.identify()
+        if version is None:
+            raise DaemonError(f"port {port} does not answer as a hyperdb-mcp daemon")
+        try:
+            owner = conn.server_owner()
+        except peeruid.UnknownPeer:
+            raise DaemonError(f"the owner of port {port} cannot be learned") from None
+        if _other_user(owner):
+            raise OtherUsersPort(PortProbe(port, PortState.OTHER_USER, version, owner))
+    except BaseException:
+        conn.close()
+        raise
+    return conn
 
 
 def status(port: int, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
     """
-    The daemon's C{STATUS} object.
+    The C{STATUS} object of this user's daemon on C{port} (L{connect_own}).
 
-    @raise DaemonError: if it refuses (another user's daemon) or answers
-        something that is not a JSON object.
+    @raise DaemonError: if the port is not this user's daemon (L{OtherUsersPort}
+        if it is another user's), or the daemon refuses or answers something
+        that is not a JSON object.
     """
-    with HealthConnection(port, timeout) as conn:
+    with connect_own(port, timeout) as conn:
         line = conn.ask("STATUS")
     if line.startswith("ERR"):
         raise DaemonError(f"the daemon on port {port} answered {line!r}")
@@ -156,12 +242,22 @@ def status(port: int, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
     return data
 
 
-def locate(state_dir: Path, choice: PortChoice) -> PortProbe | None:
+def log_skipped(probe: PortProbe) -> None:
+    """The default report of a port skipped because another user holds it."""
+    _log.warn("port {port} is held by {holder}: skipped", port=probe.port,
+              holder=probe.held_by())
+
+
+def locate(state_dir: Path, choice: PortChoice,
+           on_skip: Callable[[PortProbe], None] = log_skipped) -> PortProbe | None:
     """
-    Find the running daemon: the pinned port only, if one is pinned (which
-    may be another user's daemon: the caller says so); else the port named
-    by C{daemon.json} (removing the file if it is corrupt or names no daemon
-    of ours), then a scan of the port range, skipping other users' daemons.
+    Find the running daemon of this user: the pinned port only, if one is
+    pinned (which may be held by another user: the caller says so); else
+    the port named by C{daemon.json} (removing the file if it is corrupt or
+    names no daemon of ours), then a scan of the port range.  Ports held by
+    another user are skipped, each reported to C{on_skip}; C{daemon.json}
+    is read only if it is this user's (L{read_record}), and the port it
+    names is checked like any other.
     """
     if choice.pinned is not None:
         found = probe_port(choice.pinned)
@@ -171,15 +267,24 @@ def locate(state_dir: Path, choice: PortChoice) -> PortProbe | None:
     except CorruptDiscovery:
         remove_record(state_dir)
         record = None
+    reported: set[int] = set()
+
+    def skip(found: PortProbe) -> None:
+        if found.state is PortState.OTHER_USER and found.port not in reported:
+            reported.add(found.port)
+            on_skip(found)
+
     if record is not None:
         found = probe_port(record.health_port)
         if found.state is PortState.DAEMON:
             return found
+        skip(found)
         remove_record(state_dir)
     for port in choice.candidates():
         found = probe_port(port)
         if found.state is PortState.DAEMON:
             return found
+        skip(found)
     return None
 
 
@@ -202,6 +307,8 @@ def wait_port_free(port: int, timeout: float, pid: int | None = None) -> bool:
                 try:
                     if status(port, timeout=1.0).get("pid") not in (pid, None):
                         return True
+                except OtherUsersPort:
+                    return True  # another user took the port: ours is gone
                 except (OSError, DaemonError):
                     pass
         time.sleep(0.01)

@@ -18,7 +18,7 @@ from twisted.python import usage
 from . import config
 from .daemon import AlreadyRunning, DaemonService, DaemonSettings, StartupError
 from .discovery import StateDirError, prepare_state_dir
-from .healthclient import PortState, probe_port
+from .healthclient import PortState, log_skipped, probe_port
 
 
 class Options(usage.Options):
@@ -55,12 +55,13 @@ class Options(usage.Options):
 def choose_port(choice: config.PortChoice) -> tuple[int, tuple[int, ...]]:
     """
     The health port to bind: the pinned one, or the first free one of the
-    range, skipping ports held by other programs and other users' daemons.
-    The whole range is checked first: one daemon per user, wherever it runs.
+    range, skipping ports held by other programs and by other users (whose
+    daemon-shaped answers are not trusted, and which are logged).  The
+    whole range is checked first: one daemon per user, wherever it runs.
 
     @return: the port, and the busy ports before it that did not answer as
-        a daemon in time (one may be a daemon still starting; see
-        L{DaemonSettings.lower_ports}).
+        a daemon in time and are not another user's (one may be a daemon of
+        this user still starting; see L{DaemonSettings.lower_ports}).
     @raise AlreadyRunning: if a daemon of this user already answers in the
         range (or on the pinned port).
     @raise StartupError: if the pinned port is taken, or the range is full.
@@ -75,6 +76,14 @@ def choose_port(choice: config.PortChoice) -> tuple[int, tuple[int, ...]]:
                 f"or stop it with 'hyperdb-mcp daemon stop --port {port}'.",
                 port,
             )
+    for found in probes:
+        if found.state is PortState.OTHER_USER:
+            if choice.pinned is not None:
+                raise StartupError(
+                    f"Port {choice.pinned} is held by {found.held_by()}: pin a port of "
+                    f"your own with --port or HYPERDB_DAEMON_PORT."
+                )
+            log_skipped(found)
     for index, found in enumerate(probes):
         if found.state is PortState.FREE:
             lower = tuple(p.port for p in probes[:index] if p.state is PortState.FOREIGN)
@@ -85,8 +94,8 @@ def choose_port(choice: config.PortChoice) -> tuple[int, tuple[int, ...]]:
             f"with --port or HYPERDB_DAEMON_PORT."
         )
     raise StartupError(
-        f"Every port from {choice.first} to {choice.last} is in use by other programs: "
-        f"pin a free one with --port or HYPERDB_DAEMON_PORT."
+        f"Every port from {choice.first} to {choice.last} is in use by other programs "
+        f"or other users: pin a free one with --port or HYPERDB_DAEMON_PORT."
     )
 
 

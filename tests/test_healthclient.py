@@ -1,10 +1,12 @@
 """
 The blocking health client against small real servers on loopback: what a
-port is (free, foreign, another user's daemon, ours) and PONG parsing.
+port is (free, foreign, another user's, ours) and PONG parsing.  Another
+user's daemon run in a process of its own is in test_fake_daemon.py.
 """
 
 from __future__ import annotations
 
+import os
 import socket
 import threading
 import time
@@ -12,11 +14,14 @@ from pathlib import Path
 from typing import Callable
 
 import pytest
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
-from hyperdaemon import healthclient
+from hyperdaemon import healthclient, peeruid
 from hyperdaemon.healthclient import PortState, parse_pong, probe_port
 from support import free_port
+
+#: A uid that is not ours (only root can make sockets owned by it).
+NOBODY = 65534
 
 
 class ParsePongTests(SynchronousTestCase):
@@ -30,14 +35,28 @@ class ParsePongTests(SynchronousTestCase):
 
 
 class FakePeer:
-    """A one-connection-at-a-time server answering each line with C{reply(line)}."""
+    """
+    A one-connection-at-a-time server answering each line with
+    C{reply(line)}; its listening socket is owned by C{owner} (default: us),
+    and it counts the connections it accepts.
+    """
 
-    def __init__(self, reply: Callable[[bytes], bytes | None]) -> None:
-        self.sock = socket.socket()
+    def __init__(self, reply: Callable[[bytes], bytes | None], owner: int | None = None) -> None:
+        if owner is None:
+            self.sock = socket.socket()
+        else:
+            # The kernel records the creating euid as the socket's owner.
+            saved = os.geteuid()
+            os.seteuid(owner)
+            try:
+                self.sock = socket.socket()
+            finally:
+                os.seteuid(saved)
         self.sock.bind(("127.0.0.1", 0))
         self.sock.listen()
         self.port = self.sock.getsockname()[1]
         self._reply = reply
+        self.connections = 0
         self._thread = threading.Thread(target=self._serve, daemon=True)
         self._thread.start()
 
@@ -47,6 +66,7 @@ class FakePeer:
                 conn, _ = self.sock.accept()
             except OSError:
                 return
+            self.connections += 1
             with conn:
                 f = conn.makefile("rwb")
                 for line in f:
@@ -69,8 +89,8 @@ class FakePeer:
 
 
 class ProbePortTests(SynchronousTestCase):
-    def peer(self, reply: Callable[[bytes], bytes | None]) -> FakePeer:
-        peer = FakePeer(reply)
+    def peer(self, reply: Callable[[bytes], bytes | None], owner: int | None = None) -> FakePeer:
+        peer = FakePeer(reply, owner)
         self.addCleanup(peer.close)
         return peer
 
@@ -82,11 +102,30 @@ class ProbePortTests(SynchronousTestCase):
         found = probe_port(peer.port)
         self.assertEqual((found.state, found.version), (PortState.DAEMON, "2.0"))
 
-    def test_another_users_daemon(self) -> None:
+    def test_a_daemon_that_refuses_status_is_still_ours_if_we_own_it(self) -> None:
+        # Who owns the socket decides, not what the port answers.
         peer = self.peer(
             lambda line: b"PONG hyperdb-mcp 2.0\n" if line == b"PING" else b"ERR forbidden\n"
         )
-        self.assertEqual(probe_port(peer.port).state, PortState.OTHER_USER)
+        found = probe_port(peer.port)
+        self.assertEqual((found.state, found.owner), (PortState.DAEMON, os.geteuid()))
+
+    def test_another_users_port_is_not_even_connected_to(self) -> None:
+        require_root()
+        peer = self.peer(lambda line: b"PONG hyperdb-mcp 2.0\n", owner=NOBODY)
+        found = probe_port(peer.port)
+        self.assertEqual((found.state, found.owner), (PortState.OTHER_USER, NOBODY))
+        self.assertEqual(peer.connections, 0)
+        self.assertIn("nobody (uid 65534)", found.held_by())
+
+    def test_a_daemon_shaped_answer_whose_owner_is_unknown_is_foreign(self) -> None:
+        peer = self.peer(lambda line: b"PONG hyperdb-mcp 2.0\n")
+
+        def unknown(sock: socket.socket) -> int:
+            raise peeruid.UnknownPeer("closed")
+
+        self.patch(peeruid, "server_uid", unknown)
+        self.assertEqual(probe_port(peer.port).state, PortState.FOREIGN)
 
     def test_a_program_that_answers_something_else(self) -> None:
         peer = self.peer(lambda line: b"+OK redis\n")
@@ -106,29 +145,39 @@ class ProbePortTests(SynchronousTestCase):
             self.assertLess(time.monotonic() - started, 5)
 
 
+def require_root() -> None:
+    if os.geteuid() != 0 or not peeruid.SUPPORTED:
+        raise SkipTest("only root on Linux can make a socket owned by another uid")
+
+
 class LocateTests(SynchronousTestCase):
     @pytest.fixture(autouse=True)
     def _tmp(self, tmp_path: Path) -> None:
         self.state = tmp_path / "state"
 
-    def test_a_pinned_port_may_be_another_users_daemon(self) -> None:
+    def another_users_daemon(self) -> FakePeer:
+        require_root()
+        peer = FakePeer(lambda line: b"PONG hyperdb-mcp 2.0\n", owner=NOBODY)
+        self.addCleanup(peer.close)
+        return peer
+
+    def test_a_pinned_port_may_be_another_users(self) -> None:
         from hyperdaemon.config import PortChoice
 
-        peer = FakePeer(
-            lambda line: b"PONG hyperdb-mcp 2.0\n" if line == b"PING" else b"ERR forbidden\n"
-        )
-        self.addCleanup(peer.close)
+        peer = self.another_users_daemon()
         found = healthclient.locate(self.state, PortChoice(peer.port, 1, 1))
-        self.assertEqual(found.state, PortState.OTHER_USER)
+        self.assertEqual((found.state, found.owner), (PortState.OTHER_USER, NOBODY))
 
-    def test_a_scan_skips_another_users_daemon(self) -> None:
+    def test_a_scan_skips_another_users_port_and_reports_it(self) -> None:
         from hyperdaemon.config import PortChoice
 
-        peer = FakePeer(
-            lambda line: b"PONG hyperdb-mcp 2.0\n" if line == b"PING" else b"ERR forbidden\n"
-        )
-        self.addCleanup(peer.close)
-        self.assertIsNone(healthclient.locate(self.state, PortChoice(None, peer.port, peer.port)))
+        peer = self.another_users_daemon()
+        skipped: list[healthclient.PortProbe] = []
+        self.assertIsNone(healthclient.locate(
+            self.state, PortChoice(None, peer.port, peer.port), on_skip=skipped.append,
+        ))
+        self.assertEqual([(p.port, p.owner) for p in skipped], [(peer.port, NOBODY)])
+        self.assertEqual(peer.connections, 0)
 
 
 class WaitTests(SynchronousTestCase):

@@ -1,0 +1,343 @@
+"""
+Another local user's fake daemon in the port range: clients, C{daemon
+status|stop} and a starting daemon must send it nothing but C{PING}, and end
+on a daemon of their own user (SPEC.md, Security).
+
+The fake runs in a forked child that has dropped to uid 65534 (so the tests
+need root); it answers like a daemon of ours (a newer one, with the session
+commands) and reports every line it receives to the test.  Real daemons,
+real C{hyperd}, real sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.threads import deferToThread
+from twisted.trial.unittest import TestCase
+
+from hyperdaemon import __version__, healthclient, peeruid
+from hyperdaemon.daemon import SESSION_PROTOCOL
+from hyperdaemon.finder import DaemonAddress, DaemonUnavailable, Finder
+from hyperdaemon.healthclient import OtherUsersPort, PortState
+from hyperdaemon.session import Session
+from support import (
+    QUICK,
+    READY_TIMEOUT,
+    DaemonProcess,
+    client_environment,
+    free_port,
+    pid_alive,
+    status,
+    stop_daemon_on,
+    wait_for,
+)
+
+NOBODY = 65534
+FAKE_VERSION = "99.0.0"
+NO_DAEMON = "No daemon is currently running."
+
+
+class OtherUsersDaemon:
+    """
+    A daemon look-alike run as another user on C{port}: it answers C{PING}
+    as C{hyperdb-mcp 99.0.0}, a plausible C{STATUS} (with the session
+    commands), C{OK} with made-up credentials to C{SESSION} and C{READY}, and
+    reports each connection and line to this process through a pipe.
+    """
+
+    def __init__(self, port: int, uid: int = NOBODY) -> None:
+        self.port = port
+        self.uid = uid
+        self.pid = 0
+        self._events: list[str] = []
+        self._reader: threading.Thread | None = None
+
+    # -- the child ------------------------------------------------------------
+
+    def _reply(self, line: str) -> str:
+        command = line.strip().partition(" ")[0]
+        credentials = {"hyperd_endpoint": "127.0.0.1:1", "hyperd_user": "tableau_internal_user",
+                       "hyperd_password": "attacker"}
+        if command == "PING":
+            return f"PONG hyperdb-mcp {FAKE_VERSION}"
+        if command == "STATUS":
+            return json.dumps({
+                "pid": os.getpid(), "health_port": self.port, "version": FAKE_VERSION,
+                "started_at": "2026-01-01T00:00:00+00:00", "state": "ready", "hyperd_pid": 1,
+                "restarts": 0, "uptime_s": 1.0, "idle_timeout_s": 0, "compat": False,
+                "sessions": [], "session_protocol": SESSION_PROTOCOL, **credentials,
+            })
+        if command == "SESSION":
+            return "OK " + json.dumps({"id": "s1", **credentials})
+        if command == "READY":
+            return "OK " + json.dumps(credentials)
+        if command == "STOP":
+            return "STOPPING"
+        return "OK"
+
+    def _serve(self, report: int) -> None:
+        def say(event: str) -> None:
+            os.write(report, event.encode("utf-8", "replace") + b"\n")
+
+        def converse(conn: socket.socket) -> None:
+            with conn, conn.makefile("rwb") as f:
+                for raw in f:
+                    line = raw.decode("utf-8", "replace").rstrip("\r\n")
+                    say(f"LINE {line}")  # before the reply: the test sees it first
+                    f.write(self._reply(line).encode("utf-8") + b"\n")
+                    f.flush()
+
+        listener = socket.socket()
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind(("127.0.0.1", self.port))
+        listener.listen(64)
+        say("LISTENING")
+        while True:
+            conn, _ = listener.accept()
+            say("CONNECTION")
+            threading.Thread(target=converse, args=(conn,), daemon=True).start()
+
+    # -- the test's side --------------------------------------------------------
+
+    def start(self) -> "OtherUsersDaemon":
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                os.close(read_end)
+                os.setgroups([])
+                os.setgid(self.uid)
+                os.setuid(self.uid)
+                self._serve(write_end)
+            finally:
+                os._exit(1)
+        os.close(write_end)
+        self.pid = pid
+        self._reader = threading.Thread(target=self._read, args=(read_end,), daemon=True)
+        self._reader.start()
+        wait_for(lambda: "LISTENING" in self._events or not pid_alive(pid), QUICK,
+                 "the fake daemon to listen")
+        assert "LISTENING" in self._events, "the fake daemon could not listen"
+        return self
+
+    def _read(self, fd: int) -> None:
+        with os.fdopen(fd, "rb") as pipe:
+            for raw in pipe:
+                self._events.append(raw.decode("utf-8").rstrip("\n"))
+
+    def stop(self) -> None:
+        """Kill it; afterwards L{lines} holds everything it ever received."""
+        if not self.pid:
+            return
+        try:
+            os.kill(self.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        os.waitpid(self.pid, 0)
+        self.pid = 0
+        assert self._reader is not None
+        self._reader.join(QUICK)
+
+    def lines(self) -> list[str]:
+        return [e[len("LINE "):] for e in self._events if e.startswith("LINE ")]
+
+    def connections(self) -> int:
+        return self._events.count("CONNECTION")
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not peeruid.SUPPORTED,
+                    reason="needs root on Linux to run a second user's fake daemon")
+class FakeDaemonTestCase(TestCase):
+    timeout = 180
+
+    @pytest.fixture(autouse=True)
+    def _tmp(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.state, self.ports, self.env = client_environment(tmp_path)
+        self.addCleanup(stop_daemon_on, self.ports)
+
+    def fake(self, port: int | None = None) -> OtherUsersDaemon:
+        fake = OtherUsersDaemon(self.ports[0] if port is None else port).start()
+        # Registered after stop_daemon_on, so it runs first: that helper
+        # must not find (and STOP) the fake.
+        self.addCleanup(fake.stop)
+        return fake
+
+    def assert_only_pinged(self, fake: OtherUsersDaemon) -> None:
+        fake.stop()
+        self.assertEqual([line for line in fake.lines() if line != "PING"], [])
+
+    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "hyperdaemon", *args], env=env or self.env,
+            capture_output=True, text=True, timeout=READY_TIMEOUT, stdin=subprocess.DEVNULL,
+        )
+
+    def assert_ours(self, port: int) -> dict[str, Any]:
+        """The daemon on C{port} is a real one of this user; its STATUS."""
+        facts = status(port)
+        self.assertEqual(facts["version"], __version__)
+        self.assertEqual(os.stat(f"/proc/{facts['pid']}").st_uid, os.geteuid())
+        return facts
+
+
+class ClientTests(FakeDaemonTestCase):
+    async def test_session_open_skips_another_users_daemon_and_starts_its_own(self) -> None:
+        fake = self.fake()
+        session = await Session.open(reactor, environ=self.env)
+        self.addCleanup(session.close)
+        self.assertEqual(session._source.address.port, self.ports[1])
+        facts = self.assert_ours(self.ports[1])
+        self.assertEqual([s["pid"] for s in facts["sessions"]], [os.getpid()])
+        self.assertEqual((await session.query("SELECT 1")).rows, [(1,)])
+        self.assert_only_pinged(fake)
+
+    async def test_a_discovery_file_naming_another_users_daemon_is_not_trusted(self) -> None:
+        fake = self.fake(free_port())  # outside the range: only daemon.json names it
+        self.state.mkdir(mode=0o700)
+        record = self.state / "daemon.json"
+        record.write_text(json.dumps({
+            "pid": fake.pid, "hyperd_endpoint": "127.0.0.1:1", "health_port": fake.port,
+            "started_at": "2026-01-01T00:00:00+00:00", "version": FAKE_VERSION,
+            "hyperd_user": "tableau_internal_user", "hyperd_password": "attacker",
+        }))
+        record.chmod(0o600)
+        session = await Session.open(reactor, environ=self.env)
+        self.addCleanup(session.close)
+        self.assertEqual(session._source.address.port, self.ports[0])
+        self.assert_ours(self.ports[0])
+        self.assertEqual(json.loads(record.read_text())["health_port"], self.ports[0])
+        self.assert_only_pinged(fake)
+
+    async def test_a_session_connection_to_a_port_that_changed_hands_sends_only_ping(self) -> None:
+        # The finder checked the port, then it changed hands before the
+        # session's own connection: that connection is checked again.
+        fake = self.fake()
+        real = Finder.from_environment(environ=self.env)
+        stale = DaemonAddress(fake.port, FAKE_VERSION, SESSION_PROTOCOL, {})
+        answers = iter([stale])
+
+        class StaleFirst:
+            state_dir = real.state_dir
+
+            def ensure(self) -> DaemonAddress:
+                return next(answers, None) or real.ensure()
+
+        session = await Session.open(reactor, environ=self.env, finder=StaleFirst())
+        self.addCleanup(session.close)
+        self.assertEqual(session._source.address.port, self.ports[1])
+        self.assertEqual((await session.query("SELECT 1")).rows, [(1,)])
+        self.assert_only_pinged(fake)
+
+    async def test_session_open_on_another_users_pinned_port_fails_naming_them(self) -> None:
+        fake = self.fake()
+        with self.assertRaises(DaemonUnavailable) as caught:
+            await Session.open(reactor, environ=self.env, port=fake.port)
+        message = str(caught.exception)
+        self.assertIn(f"Port {fake.port} is held by another user, nobody (uid {NOBODY})",
+                      message)
+        self.assertIn("HYPERDB_DAEMON_PORT", message)
+        self.assertFalse(any(_listening(port) for port in self.ports[1:]))
+        self.assert_only_pinged(fake)
+
+    async def test_health_requests_check_their_own_connection(self) -> None:
+        # Even where the listener's owner is not known (or it changed hands
+        # since), STATUS and STOP go only to a connection this user accepted.
+        fake = self.fake()
+        self.patch(peeruid, "listener_uid", lambda port, host="127.0.0.1": None)
+        probe = await deferToThread(healthclient.probe_port, fake.port)
+        self.assertEqual((probe.state, probe.version, probe.owner),
+                         (PortState.OTHER_USER, FAKE_VERSION, NOBODY))
+        with self.assertRaises(OtherUsersPort):
+            await deferToThread(healthclient.status, fake.port)
+        with self.assertRaises(OtherUsersPort):
+            await deferToThread(healthclient.connect_own, fake.port)
+        fake.stop()
+        self.assertEqual(fake.lines(), ["PING"] * 3)
+
+
+class CommandLineTests(FakeDaemonTestCase):
+    async def test_daemon_status_does_not_report_another_users_daemon(self) -> None:
+        fake = self.fake()
+        result = await deferToThread(self.cli, "daemon", "status", "--json")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stdout, "")
+        self.assertEqual(result.stderr.splitlines(), [
+            f"hyperdb-mcp: skipped port {fake.port}: it is held by another user, "
+            f"nobody (uid {NOBODY}).",
+            NO_DAEMON,
+        ])
+        self.assert_only_pinged(fake)
+
+    async def test_daemon_status_finds_its_own_daemon_past_another_users(self) -> None:
+        fake = self.fake()
+        daemon = DaemonProcess(self.state, self.ports[2], "--idle-timeout", "0",
+                               env=self.env).start()
+        self.addCleanup(daemon.kill)
+        await deferToThread(daemon.wait_ready)
+        result = await deferToThread(self.cli, "daemon", "status", "--json")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(json.loads(result.stdout)["pid"], daemon.pid)
+        self.assert_only_pinged(fake)
+
+    async def test_daemon_stop_does_not_stop_another_users_daemon(self) -> None:
+        fake = self.fake()
+        result = await deferToThread(self.cli, "daemon", "stop")
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.splitlines()[-1], NO_DAEMON)
+        self.assert_only_pinged(fake)
+
+    async def test_status_and_stop_on_another_users_pinned_port_name_them(self) -> None:
+        fake = self.fake()
+        for action in ("status", "stop"):
+            result = await deferToThread(self.cli, "daemon", action, "--port", str(fake.port))
+            self.assertEqual(result.returncode, 1)
+            self.assertEqual(result.stderr.splitlines(), [
+                f"hyperdb-mcp: port {fake.port} is held by another user, nobody "
+                f"(uid {NOBODY}), not by your daemon: pin a port of your own with --port or "
+                f"HYPERDB_DAEMON_PORT."
+            ], action)
+        self.assert_only_pinged(fake)
+
+
+class StartingDaemonTests(FakeDaemonTestCase):
+    async def test_a_daemon_starts_beside_another_users_daemon(self) -> None:
+        fake = self.fake()
+        daemon = DaemonProcess(self.state, self.ports[1], "--idle-timeout", "0", env=self.env)
+        daemon.args.remove("--port")
+        daemon.args.remove(str(self.ports[1]))  # no pinned port: it scans the range
+        daemon.start()
+        self.addCleanup(daemon.kill)
+        facts = await deferToThread(daemon.wait_ready)
+        self.assertEqual((facts["pid"], facts["health_port"]), (daemon.pid, self.ports[1]))
+        self.assert_only_pinged(fake)
+
+    async def test_a_daemon_on_another_users_pinned_port_refuses_naming_them(self) -> None:
+        fake = self.fake()
+        result = await deferToThread(self.cli, "daemon", "--port", str(fake.port))
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.splitlines(), [
+            f"hyperdb-mcp daemon: Port {fake.port} is held by another user, nobody "
+            f"(uid {NOBODY}): pin a port of your own with --port or HYPERDB_DAEMON_PORT."
+        ])
+        self.assert_only_pinged(fake)
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=1).close()
+    except OSError:
+        return False
+    return True
+
