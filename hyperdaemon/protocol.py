@@ -339,3 +339,8 @@ class HealthFactory(ServerFactory):
         if self.clock is not None:
             protocol.callLater = self.clock.callLater  # TimeoutMixin's clock
         return protocol
+
+
+#: Every command of the health protocol, from its dispatch table (the tests
+#: send each one as another user, so that a new command cannot be missed).
+COMMANDS: tuple[str, ...] = tuple(HealthProtocol._commands)

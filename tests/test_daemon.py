@@ -533,7 +533,17 @@ def run_as(uid: int, work: Callable[[], str]) -> str:
 class OtherUserTests(DaemonTestCase):
     """Another local user can neither use, stop, nor read the daemon."""
 
-    def test_other_user_gets_only_ping(self) -> None:
+    def test_other_user_gets_only_ping_whatever_the_command(self) -> None:
+        from hyperdaemon.protocol import COMMANDS
+
+        # Every command the protocol knows, from its own table (so that a new
+        # one is checked here at once), bare and with an argument, and one it
+        # does not know.
+        self.assertLessEqual({"PING", "HEARTBEAT", "STATUS", "STOP", "REPORT_HYPERD_ERROR",
+                              "SESSION", "READY", "BYE"}, set(COMMANDS))
+        argument = json.dumps({"pid": os.getpid(), "name": "intruder", "ephemeral_db": None,
+                               "release": True, "path": str(self.tmp / "x.hyper")})
+        lines = [line for command in (*COMMANDS, "X") for line in (command, f"{command} {argument}")]
         daemon = self.start_daemon("--idle-timeout", "0")
         daemon.wait_ready()
 
@@ -541,17 +551,19 @@ class OtherUserTests(DaemonTestCase):
             with socket.create_connection(("127.0.0.1", daemon.port), timeout=QUICK) as s:
                 f = s.makefile("rwb")
                 replies = []
-                for c in (b"PING", b"STATUS", b"STOP", b"HEARTBEAT", b"REPORT_HYPERD_ERROR", b"X"):
-                    f.write(c + b"\n")
+                for line in lines:
+                    f.write(line.encode() + b"\n")
                     f.flush()
                     replies.append(f.readline().decode().strip())
                 return "\n".join(replies)
 
-        self.assertEqual(
-            run_as(NOBODY, converse).splitlines(),
-            [f"PONG hyperdb-mcp {__version__}"] + ["ERR forbidden"] * 5,
-        )
-        self.assertEqual(status(daemon.port)["state"], "ready")
+        replies = dict(zip(lines, run_as(NOBODY, converse).splitlines(), strict=True))
+        pong = f"PONG hyperdb-mcp {__version__}"
+        self.assertEqual(replies, {line: pong if line.partition(" ")[0] == "PING"
+                                   else "ERR forbidden" for line in lines})
+        facts = status(daemon.port)
+        self.assertEqual((facts["state"], facts["sessions"], facts["restarts"]),
+                         ("ready", [], 0))
         self.assertIsNone(daemon.proc.poll())
 
     def test_other_user_cannot_read_the_discovery_file(self) -> None:
