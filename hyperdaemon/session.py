@@ -878,8 +878,21 @@ class Session:
                         shared, functools.partial(self._nudge, str(shared.path)))
                 except NotDurable as e:
                     raise SessionError(str(e)) from None
+            if self._source.can_relay_releases() and not self._closed:
+                # A cold attach costs some 10 ms per table: pay it now, while
+                # the caller reads the result, not in the next call.
+                self._pool.callInThread(self._attach_quietly)
         if not self._source.can_relay_releases():
             self._let_go_all()
+
+    def _attach_quietly(self) -> None:
+        """Attach the shared files between calls; a failure waits for the next call."""
+        if self._closed or _broken(self._connection):
+            return
+        try:
+            self._attach_shared()
+        except Exception as e:
+            _log.info("attaching the shared databases again failed: {error}", error=e)
 
     def _nudge(self, path: str) -> None:
         blockingCallFromThread(self._reactor, self._request_release, path)
