@@ -27,13 +27,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 import attrs
-from twisted.logger import Logger
 
 from . import PRODUCT, peeruid
 from .config import PortChoice
 from .discovery import CorruptDiscovery, read_record, remove_record
-
-_log = Logger()
 
 #: Seconds to wait for a reply from a port that may not be a daemon.
 IDENTIFY_TIMEOUT = 0.5
@@ -244,7 +241,11 @@ def status(port: int, timeout: float = REQUEST_TIMEOUT) -> dict[str, Any]:
 
 def log_skipped(probe: PortProbe) -> None:
     """The default report of a port skipped because another user holds it."""
-    _log.warn("port {port} is held by {holder}: skipped", port=probe.port,
+    # Twisted only now: the command line imports this module before the
+    # daemon keeps OpenSSL out of its process, and Twisted's imports load it.
+    from twisted.logger import Logger
+
+    Logger(namespace=__name__).warn("port {port} is held by {holder}: skipped", port=probe.port,
               holder=probe.held_by())
 
 

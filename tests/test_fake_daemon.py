@@ -322,6 +322,10 @@ class StartingDaemonTests(FakeDaemonTestCase):
         facts = await deferToThread(daemon.wait_ready)
         self.assertEqual((facts["pid"], facts["health_port"]), (daemon.pid, self.ports[1]))
         self.assert_only_pinged(fake)
+        daemon.proc.send_signal(signal.SIGTERM)
+        self.assertEqual(await deferToThread(daemon.wait_exit), 0)
+        self.assertIn(f"port {fake.port} is held by another user, nobody (uid {NOBODY}): "
+                      f"skipped", daemon.output())
 
     async def test_a_daemon_on_another_users_pinned_port_refuses_naming_them(self) -> None:
         fake = self.fake()

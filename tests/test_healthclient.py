@@ -179,6 +179,18 @@ class LocateTests(SynchronousTestCase):
         self.assertEqual([(p.port, p.owner) for p in skipped], [(peer.port, NOBODY)])
         self.assertEqual(peer.connections, 0)
 
+    def test_a_skipped_port_is_logged_by_default(self) -> None:
+        from hyperdaemon.config import PortChoice
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        peer = self.another_users_daemon()
+        events: list[dict] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        healthclient.locate(self.state, PortChoice(None, peer.port, peer.port))
+        self.assertIn(f"port {peer.port} is held by another user, nobody (uid {NOBODY}): skipped",
+                      [formatEvent(e) for e in events])
+
 
 class WaitTests(SynchronousTestCase):
     def test_wait_pid_gone_for_an_exited_process(self) -> None:
