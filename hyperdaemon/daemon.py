@@ -332,6 +332,7 @@ class DaemonService(MultiService):
         self._reactor.callLater(0, self.shutdown, "STOP command")
 
     def report_hyperd_error(self) -> None:
+        # A check, not a kill: hyperd is replaced only if it is hung or gone.
         self.supervisor.check_now()
 
     def _credentials(self, instance: HyperdInstance) -> dict[str, Any]:
@@ -342,13 +343,25 @@ class DaemonService(MultiService):
         }
 
     def when_ready(self) -> defer.Deferred[dict[str, Any]]:
+        """
+        hyperd's credentials once it is usable: a hyperd that has not shown
+        a sign of life lately (the daemon does not probe while no session is
+        attached) is checked first, and a hung one replaced
+        (L{HyperdSupervisor.when_usable}); a new hyperd's as soon as it is
+        ready.
+        """
         if self._shutting_down:
             return defer.fail(Exception(f"the daemon is stopping: {self.stop_reason}"))
-        instance = self.supervisor.instance
-        if instance is not None:
-            return defer.succeed(self._credentials(instance))
         waiter: defer.Deferred[dict[str, Any]] = defer.Deferred()
         self._ready_waiters.append(waiter)
+
+        def usable(instance: HyperdInstance) -> None:
+            if waiter in self._ready_waiters:
+                self._ready_waiters.remove(waiter)
+                waiter.callback(self._credentials(instance))
+
+        # If the supervisor gives up or stops, shutdown() answers the waiter.
+        self.supervisor.when_usable().addCallbacks(usable, lambda _: None)
         return waiter
 
     def attach_session(self, fields: dict[str, Any]) -> tuple[str, defer.Deferred[dict[str, Any]]]:

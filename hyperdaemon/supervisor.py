@@ -9,16 +9,27 @@ it and C{hyperd} exits too.  It gets a fresh random password on stdin unless
 C{compat} is set.  It is ready once a query succeeds; after that, while it is
 watched (L{HyperdSupervisor.watch}: the daemon watches while sessions are
 attached), a probe query runs every L{HyperdSupervisor.probe_interval}
-seconds, and at once on L{HyperdSupervisor.check_now}, so that a C{hyperd}
-that is alive but does not answer is killed and replaced.  Its exit is
-noticed at once through C{processEnded}.  At most L{RestartBudget.limit} replacements happen within
-L{RestartBudget.window} seconds; past that the supervisor gives up.
+seconds, and at once on L{HyperdSupervisor.check_now} and when a client asks
+for it after a quiet period (L{HyperdSupervisor.when_usable}).
+
+A probe that fails is judged with what the kernel says about the process
+(L{liveness}): a busy or briefly stopped C{hyperd} is left alone, since it
+holds its databases' changes in memory; one that shows no sign of life for
+L{HyperdSupervisor.hung_after} seconds is replaced, and one whose process
+has exited is replaced at once (its exit is noticed through
+C{processExited}).  A C{hyperd} is always stopped the same way, on
+replacement and on shutdown: SIGCONT, the callback connection closed,
+SIGTERM, and SIGKILL only after L{HyperdSupervisor.stop_grace} seconds; a
+replacement starts once the old one is gone, so that the two never have the
+same database file open.  At most L{RestartBudget.limit} replacements happen
+within L{RestartBudget.window} seconds; past that the supervisor gives up.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import signal
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,6 +43,7 @@ from twisted.python.failure import Failure
 
 from . import peeruid, pgwire
 from .config import HYPERD_USER
+from .liveness import Liveness, ProcessSample, Verdict, read_process_sample
 
 _log = Logger()
 
@@ -160,7 +172,7 @@ class _CallbackFactory(Factory):
 
 
 class _HyperdProcess(ProcessProtocol):
-    """One spawned hyperd: reports its end."""
+    """One spawned hyperd: reports its end, and stops gracefully on request."""
 
     def __init__(self) -> None:
         self.ended: defer.Deferred[None] = defer.Deferred()
@@ -168,6 +180,12 @@ class _HyperdProcess(ProcessProtocol):
         self.callback: _CallbackProtocol | None = None
         #: Kept after exit, when the transport forgets it.
         self.pid: int | None = None
+        self._end_waiters: list[defer.Deferred[None]] = []
+        self._stopping = False
+
+    @property
+    def exited(self) -> bool:
+        return self.exit_reason is not None
 
     def makeConnection(self, transport: Any) -> None:
         self.pid = transport.pid
@@ -180,13 +198,50 @@ class _HyperdProcess(ProcessProtocol):
             self.exit_reason = f"killed by signal {value.signal}"
         else:
             self.exit_reason = f"exited with code {getattr(value, 'exitCode', None)}"
+        # The supervisor hears of it (and logs it) before those waiting for it.
         self.ended.callback(None)
+        waiters, self._end_waiters = self._end_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
 
-    def signal(self, name: str) -> None:
+    def when_ended(self) -> defer.Deferred[None]:
+        """Fires once the process has exited (at once if it has)."""
+        if self.exited:
+            return defer.succeed(None)
+        waiter: defer.Deferred[None] = defer.Deferred()
+        self._end_waiters.append(waiter)
+        return waiter
+
+    def signal(self, signum: int) -> None:
         try:
-            self.transport.signalProcess(name)
+            self.transport.signalProcess(signum)
         except error.ProcessExitedAlready:
             pass
+        except OSError:
+            pass  # reaped between the check and the signal
+
+    def stop(self, clock: Any, grace: float) -> defer.Deferred[None]:
+        """
+        Stop it gracefully, so that it writes out the databases it has open:
+        SIGCONT (it may be stopped), its callback connection closed (that
+        alone makes hyperd shut down), SIGTERM (for a hyperd that has not
+        called back yet); SIGKILL only if it has not exited C{grace} seconds
+        later.  Calling it again changes nothing.  Fires once it has exited.
+        """
+        if not self._stopping and not self.exited:
+            self._stopping = True
+            self.signal(signal.SIGCONT)
+            if self.callback is not None:
+                self.callback.close()
+            self.signal(signal.SIGTERM)
+            killer = clock.callLater(grace, self._kill, grace)
+            self.when_ended().addCallback(lambda _: killer.cancel() if killer.active() else None)
+        return self.when_ended()
+
+    def _kill(self, grace: float) -> None:
+        _log.warn("hyperd[{pid}] did not exit within {grace:g} s of SIGTERM; killing it",
+                  pid=self.pid, grace=grace)
+        self.signal(signal.SIGKILL)
 
 
 class QueryProbe:
@@ -227,6 +282,10 @@ class QueryProbe:
             connection.close()
 
 
+class HyperdUnavailable(Exception):
+    """The supervisor stopped or gave up before a C{hyperd} was usable."""
+
+
 class HyperdSupervisor(Service):
     """
     Owns the shared C{hyperd}.  C{on_ready} is called with each new ready
@@ -238,12 +297,21 @@ class HyperdSupervisor(Service):
     ready_timeout = 60.0
     #: Pause between readiness attempts after the callback.
     ready_retry_delay = 0.05
-    #: Seconds between health probes of a ready hyperd.
+    #: Seconds between health probes of a ready, watched hyperd; a client
+    #: that asks for hyperd (L{when_usable}) when it has shown no sign of
+    #: life for this long waits for a probe first.
     probe_interval = 5.0
-    #: Seconds a probe may take before hyperd is declared hung.
+    #: Seconds a probe may take; one that takes longer has failed, and the
+    #: process is looked at (L{Liveness}) before anything is decided.
     probe_timeout = 5.0
-    #: Seconds between SIGTERM and SIGKILL when stopping hyperd.
-    stop_grace = 5.0
+    #: Seconds without a sign of life (an answer, CPU time advancing, a
+    #: thread running or in disk wait) after which a hyperd that does not
+    #: answer is hung, and replaced.
+    hung_after = 30.0
+    #: Seconds between SIGTERM and SIGKILL when stopping hyperd, on
+    #: replacement and on shutdown: long enough to write out its databases.
+    #: A hyperd that exits sooner is not waited for.
+    stop_grace = 30.0
 
     def __init__(
         self,
@@ -255,6 +323,7 @@ class HyperdSupervisor(Service):
         on_give_up: Callable[[str], None],
         budget: RestartBudget | None = None,
         probe_factory: Callable[[Any, HyperdInstance], QueryProbe] = QueryProbe,
+        sample_process: Callable[[int], ProcessSample | None] = read_process_sample,
     ) -> None:
         self._reactor = reactor
         self._executable = executable
@@ -264,6 +333,7 @@ class HyperdSupervisor(Service):
         self._on_give_up = on_give_up
         self._budget = budget if budget is not None else RestartBudget()
         self._probe_factory = probe_factory
+        self._sample_process = sample_process
         self.state = "stopped"
         self.instance: HyperdInstance | None = None
         self.restarts = 0
@@ -271,12 +341,17 @@ class HyperdSupervisor(Service):
         self._current: _HyperdProcess | None = None
         self._live: set[_HyperdProcess] = set()
         self._probe: QueryProbe | None = None
-        self._checking: defer.Deferred[None] | None = None
+        self._liveness: Liveness | None = None
+        self._verdict = Verdict.ANSWERS
+        self._checking: defer.Deferred[Verdict] | None = None
+        self._check_waiters: list[defer.Deferred[Verdict]] = []
+        self._usable_waiters: list[defer.Deferred[HyperdInstance]] = []
         self._launching: defer.Deferred[None] | None = None
         self._prober = LoopingCall(self._scheduled_probe)
         self._prober.clock = reactor
         self._watched = True
         self._ever_ready = False
+        self._stopped = False
 
     @property
     def pid(self) -> int | None:
@@ -290,14 +365,19 @@ class HyperdSupervisor(Service):
     def watch(self, watched: bool) -> None:
         """
         Probe the ready C{hyperd} every L{probe_interval} seconds while
-        C{watched} (the default), and not at all otherwise.  An unwatched
-        C{hyperd} is still replaced at once if it exits, and checked on
-        L{check_now}; nothing wakes the process up for it.
+        C{watched} (the default), and otherwise only while a client waits in
+        L{when_usable}.  An unwatched C{hyperd} is still replaced at once if
+        it exits, and checked on L{check_now}; nothing wakes the process up
+        for it.
         """
         self._watched = watched
-        if watched and self.state == "ready" and not self._prober.running:
+        self._schedule_probes()
+
+    def _schedule_probes(self) -> None:
+        wanted = self.state == "ready" and (self._watched or bool(self._usable_waiters))
+        if wanted and not self._prober.running:
             self._prober.start(self.probe_interval, now=False)
-        elif not watched and self._prober.running:
+        elif not wanted and self._prober.running:
             self._prober.stop()
 
     # -- lifetime -----------------------------------------------------------
@@ -309,39 +389,21 @@ class HyperdSupervisor(Service):
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        self._stopped = True
         self.state = "stopping"
         self._generation += 1
-        if self._prober.running:
-            self._prober.stop()
+        self._schedule_probes()
         if self._launching is not None:
             self._launching.cancel()
+        self._fail_usable_waiters("hyperd is stopping")
         return defer.ensureDeferred(self._stop_all())
 
     async def _stop_all(self) -> None:
-        for process in list(self._live):
-            self._terminate(process, "TERM")
-        if self._live:
-            ended = defer.DeferredList([p.ended for p in self._live])
-            killer = self._reactor.callLater(self.stop_grace, self._kill_remaining)
-            await ended
-            if killer.active():
-                killer.cancel()
+        await defer.DeferredList([p.stop(self._reactor, self.stop_grace) for p in self._live])
         self._drop_probe()
         self._current = None
         self.instance = None
         self.state = "stopped"
-
-    def _kill_remaining(self) -> None:
-        for process in list(self._live):
-            _log.warn("hyperd[{pid}] ignored SIGTERM; killing it", pid=process.pid)
-            process.signal("KILL")
-
-    def _terminate(self, process: _HyperdProcess, signame: str) -> None:
-        # Closing the callback connection alone makes hyperd shut down; the
-        # signal covers a hyperd that has not called back yet or is hung.
-        if process.callback is not None:
-            process.callback.close()
-        process.signal(signame)
 
     def _drop_probe(self) -> None:
         probe, self._probe = self._probe, None
@@ -360,16 +422,8 @@ class HyperdSupervisor(Service):
 
         def started(instance: HyperdInstance) -> None:
             self._launching = None
-            if generation != self._generation:
-                return
-            self.instance = instance
-            self.state = "ready"
-            self._ever_ready = True
-            _log.info(
-                "hyperd[{pid}] ready on {endpoint}", pid=instance.pid, endpoint=instance.endpoint
-            )
-            self._on_ready(instance)
-            self.watch(self._watched)
+            if generation == self._generation:
+                self._became_ready(instance)
 
         def failed(reason: Failure) -> None:
             self._launching = None
@@ -378,6 +432,20 @@ class HyperdSupervisor(Service):
             self._lost(generation, f"hyperd failed to start: {reason.getErrorMessage()}")
 
         d.addCallbacks(started, failed)
+
+    def _became_ready(self, instance: HyperdInstance) -> None:
+        """The current process (with its probe) has answered: it serves now."""
+        self.instance = instance
+        self.state = "ready"
+        self._ever_ready = True
+        self._liveness = Liveness(self._reactor.seconds(), hung_after=self.hung_after)
+        self._verdict = Verdict.ANSWERS
+        _log.info(
+            "hyperd[{pid}] ready on {endpoint}", pid=instance.pid, endpoint=instance.endpoint
+        )
+        self._on_ready(instance)
+        self._fire_usable_waiters()
+        self._schedule_probes()
 
     async def _start(self, generation: int) -> HyperdInstance:
         password = None if self._compat else secrets.token_urlsafe(24)
@@ -481,66 +549,167 @@ class HyperdSupervisor(Service):
 
     def _ended(self, process: _HyperdProcess, generation: int) -> None:
         self._live.discard(process)
-        # While starting, the launch itself reports an early exit.
         if process is self._current and self.state == "ready":
             self._lost(generation, f"hyperd[{process.pid}] {process.exit_reason}")
+        elif process is not self._current or self.state == "stopping":
+            # Stopped by us (while starting, the launch reports an early exit).
+            _log.info("hyperd[{pid}] stopped: {reason}", pid=process.pid,
+                      reason=process.exit_reason)
 
-    def check_now(self) -> defer.Deferred[None]:
+    def when_usable(self) -> defer.Deferred[HyperdInstance]:
         """
-        Probe hyperd now (a client reported an error); replace it only if
-        the probe fails.  Fires when the check is over.
+        The ready C{hyperd}, once it is known to be usable: at once if it
+        has shown a sign of life within the last L{probe_interval} seconds
+        and its last check found it usable; otherwise after a check, which
+        it passes by answering or by being busy (it answers when it can).
+        One that is stopped or silent is checked again every
+        L{probe_interval} seconds meanwhile, watched or not, and replaced
+        once hung (L{hung_after}); the replacement is given then, as it is
+        while one starts.
+
+        @raise HyperdUnavailable: (through the Deferred) if the supervisor
+            stops or gives up first.
+        """
+        liveness = self._liveness
+        if (self.state == "ready" and self.instance is not None and liveness is not None
+                and self._checking is None and self._verdict.usable
+                and liveness.fresh(self._reactor.seconds(), self.probe_interval)):
+            return defer.succeed(self.instance)
+        if self.state == "failed" or self._stopped:
+            return defer.fail(HyperdUnavailable(f"hyperd is {self.state}"))
+        waiter: defer.Deferred[HyperdInstance] = defer.Deferred()
+        self._usable_waiters.append(waiter)
+        if self.state == "ready":
+            self.check_now()
+            self._schedule_probes()
+        return waiter
+
+    def _fire_usable_waiters(self) -> None:
+        instance = self.instance
+        if instance is None:
+            return
+        waiters, self._usable_waiters = self._usable_waiters, []
+        for waiter in waiters:
+            waiter.callback(instance)
+        self._schedule_probes()
+
+    def _fail_usable_waiters(self, why: str) -> None:
+        waiters, self._usable_waiters = self._usable_waiters, []
+        for waiter in waiters:
+            waiter.errback(HyperdUnavailable(why))
+
+    def check_now(self) -> defer.Deferred[Verdict]:
+        """
+        Check hyperd now (a client reported an error): probe it, and judge a
+        probe that fails by what its process does (L{Liveness}).  It is
+        replaced only if it is hung or gone; a busy or briefly stopped one is
+        left alone.  Fires with the verdict when the check is over
+        (L{Verdict.ANSWERS} if there is no ready hyperd to check).
         """
         if self.state != "ready":
-            return defer.succeed(None)
+            return defer.succeed(Verdict.ANSWERS)
+        waiter: defer.Deferred[Verdict] = defer.Deferred()
+        self._check_waiters.append(waiter)
         if self._checking is None:
-            self._checking = self._check(self._generation)
-        return self._checking
+            self._checking = defer.ensureDeferred(self._check(self._generation))
+            self._checking.addBoth(self._checked)
+        return waiter
+
+    def _checked(self, result: Verdict | Failure) -> None:
+        self._checking = None
+        waiters, self._check_waiters = self._check_waiters, []
+        if isinstance(result, Failure):
+            _log.failure("hyperd check failed unexpectedly", result)
+            result = Verdict.ANSWERS
+        for waiter in waiters:
+            waiter.callback(result)
 
     def _scheduled_probe(self) -> None:
         try:
-            self.check_now().addErrback(
-                lambda f: _log.failure("hyperd probe failed unexpectedly", f)
-            )
+            self.check_now()
         except Exception:
             _log.failure("hyperd probe failed unexpectedly")
 
-    def _check(self, generation: int) -> defer.Deferred[None]:
-        probe = self._probe
-        if probe is None:
-            return defer.succeed(None)
-        d = probe.check()
-        d.addTimeout(self.probe_timeout, self._reactor)
+    async def _check(self, generation: int) -> Verdict:
+        process, probe, liveness = self._current, self._probe, self._liveness
+        if process is None or process.pid is None or probe is None or liveness is None:
+            return Verdict.ANSWERS
+        sample = self._sample_process(process.pid)
+        why = ""
+        if sample is not None and (sample.stopped or sample.gone):
+            # It cannot answer: no probe to wait for.
+            verdict = liveness.unanswered(self._reactor.seconds(), sample)
+        else:
+            if liveness.observed(self._reactor.seconds(), sample):
+                self._fire_usable_waiters()  # seen working: it answers when it can
+            attempt = probe.check()
+            attempt.addTimeout(self.probe_timeout, self._reactor)
+            try:
+                await attempt
+                verdict = liveness.answered(self._reactor.seconds())
+            except defer.TimeoutError:
+                why = f"no answer to a query within {self.probe_timeout:g} s"
+            except Exception as e:
+                why = f"a query failed: {str(e).strip() or type(e).__name__}"
+            if why:
+                verdict = liveness.unanswered(self._reactor.seconds(),
+                                              self._sample_process(process.pid))
+        if generation == self._generation and self.running:
+            self._judged(generation, process, liveness, verdict, why)
+        return verdict
 
-        def failed(reason: Failure) -> None:
-            if reason.check(defer.TimeoutError):
-                why = f"hyperd did not answer a query within {self.probe_timeout:g} s"
-            else:
-                why = f"hyperd query failed: {reason.getErrorMessage().strip()}"
-            self._lost(generation, why)
-
-        def done(_: object) -> None:
-            self._checking = None
-
-        d.addErrback(failed)
-        d.addBoth(done)
-        return d
+    def _judged(self, generation: int, process: _HyperdProcess, liveness: Liveness,
+                verdict: Verdict, why: str) -> None:
+        """Act on a check's verdict, and log each change of it."""
+        previous, self._verdict = self._verdict, verdict
+        pid = process.pid
+        if verdict is Verdict.GONE:
+            self._lost(generation, f"hyperd[{pid}] has exited")
+            return
+        if verdict is Verdict.HUNG:
+            silent = liveness.silent_for(self._reactor.seconds())
+            self._lost(generation, f"hyperd[{pid}] showed no sign of life for {silent:.0f} s "
+                                   f"({why or 'stopped'})")
+            return
+        if verdict.usable:
+            self._fire_usable_waiters()
+        if verdict is previous:
+            return
+        if verdict is Verdict.ANSWERS:
+            _log.info("hyperd[{pid}] answers again", pid=pid)
+        elif verdict is Verdict.BUSY:
+            _log.info("hyperd[{pid}] is busy ({why}, but it is working); it is left to work",
+                      pid=pid, why=why or "no probe")
+        elif verdict is Verdict.STOPPED:
+            _log.warn("hyperd[{pid}] is stopped (by a signal) and cannot answer; it is "
+                      "replaced if it shows no sign of life for {limit:g} s",
+                      pid=pid, limit=self.hung_after)
+        else:
+            _log.warn("hyperd[{pid}] does not answer ({why}) and is idle; it is replaced "
+                      "if it shows no sign of life for {limit:g} s",
+                      pid=pid, why=why, limit=self.hung_after)
 
     def _lost(self, generation: int, reason: str) -> None:
-        """The hyperd of C{generation} is dead or useless: replace it or give up."""
+        """
+        The hyperd of C{generation} is gone or hung: stop it gracefully, then
+        replace it, or give up.
+        """
         if generation != self._generation or not self.running:
             return
         self._generation += 1
-        if self._prober.running:
-            self._prober.stop()
-        self._checking = None
+        generation = self._generation
+        self.state = "starting"
+        self._schedule_probes()
         broken, self._current = self._current, None
         self.instance = None
-        if broken is not None and not broken.ended.called:
-            self._terminate(broken, "KILL")
+        self._liveness = None
         self._drop_probe()
+        stopped = (broken.stop(self._reactor, self.stop_grace) if broken is not None
+                   else defer.succeed(None))
         if not self._ever_ready:
             self.state = "failed"
             _log.critical("{reason}", reason=reason)
+            self._fail_usable_waiters(reason)
             self._on_give_up(reason)
             return
         if not self._budget.spend(self._reactor.seconds()):
@@ -550,9 +719,18 @@ class HyperdSupervisor(Service):
                 f"within {self._budget.window:g} s"
             )
             _log.critical("{reason}", reason=why)
+            self._fail_usable_waiters(why)
             self._on_give_up(why)
             return
         self.restarts += 1
-        _log.warn("{reason}; starting a new hyperd", reason=reason)
-        self._launch()
+        if broken is not None and not broken.exited:
+            _log.warn("{reason}; stopping it, then starting a new hyperd", reason=reason)
+        else:
+            _log.warn("{reason}; starting a new hyperd", reason=reason)
 
+        def replace(_: object) -> None:
+            # Not while the old one may still write its databases out.
+            if generation == self._generation and self.running:
+                self._launch()
+
+        stopped.addCallback(replace)

@@ -363,24 +363,6 @@ class LifecycleTests(DaemonTestCase):
         self.assertTrue(port_is_free(daemon.port))
         self.assertFalse(daemon.record_path.exists())
 
-    def test_hung_hyperd_reported_by_a_client_is_replaced(self) -> None:
-        daemon = self.start_daemon("--idle-timeout", "0")
-        old = daemon.wait_ready()
-        os.kill(old["hyperd_pid"], signal.SIGSTOP)
-        self.addCleanup(lambda: pid_alive(old["hyperd_pid"]) and os.kill(old["hyperd_pid"], signal.SIGKILL))
-        self.assertEqual(ask(daemon.port, "REPORT_HYPERD_ERROR"), ["OK"])
-        # The probe it triggers times out (5 s), then hyperd is replaced.
-        new = wait_for(
-            lambda: (lambda f: f if f["state"] == "ready" and f["hyperd_pid"] != old["hyperd_pid"]
-                     else None)(status(daemon.port)),
-            30, "a replacement for the hung hyperd",
-        )
-        self.assertEqual(new["restarts"], 1)
-        wait_for(lambda: not pid_alive(old["hyperd_pid"]), QUICK, "the hung hyperd to be killed")
-        wait_for(lambda: daemon.record()["hyperd_endpoint"] == new["hyperd_endpoint"],
-                 QUICK, "daemon.json to name the new hyperd")
-        self.assertEqual(hyperd_query(daemon.record()), 2)
-
     def test_killed_daemon_takes_hyperd_with_it(self) -> None:
         daemon = self.start_daemon("--idle-timeout", "0")
         facts = daemon.wait_ready()
