@@ -87,7 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     daemon.add_argument(
         "--compat", action="store_true", default=argparse.SUPPRESS,
-        help="start hyperd without a password, for upstream Rust clients",
+        help="start hyperd without a password, for upstream Rust clients; UNSAFE on a "
+             "machine shared with other users: any local user can then log in to hyperd, "
+             "read and change every database, and read and write files as you "
+             "(COPY ... TO/FROM)",
     )
     # For clients that spawn the daemon: a pipe told READY/EXISTS/ERROR once.
     daemon.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import attrs
 from twisted.application import strports
+from twisted.application.internet import backoffPolicy
 from twisted.application.service import MultiService, Service
 from twisted.internet import defer
 from twisted.internet.error import CannotListenError
@@ -31,12 +32,20 @@ from twisted.logger import Logger, globalLogPublisher
 
 from . import __version__, peeruid
 from .config import HYPERD_USER
-from .discovery import HYPERD_LOGS_NAME, DaemonRecord, remove_record_if_owned, write_record
+from .discovery import (
+    DISCOVERY_NAME,
+    HYPERD_LOGS_NAME,
+    CorruptDiscovery,
+    DaemonRecord,
+    read_record,
+    remove_record,
+    remove_record_if_owned,
+    write_record,
+)
 from .idle import IdleTimer
 from .logs import open_daemon_log
 from .protocol import Authorizer, HealthFactory
 from .sessions import (
-    DROP_RETRY_SECONDS,
     SESSIONS_NAME,
     DatabaseInUse,
     Session,
@@ -73,6 +82,24 @@ def _own_daemon_among(ports: tuple[int, ...]) -> int | None:
         if found.state is PortState.OTHER_USER:
             log_skipped(found)
     return None
+
+
+def _serves_state_dir(record: DaemonRecord, state_dir: Path) -> bool:
+    """
+    Whether the daemon that C{record} (read from C{state_dir}'s
+    C{daemon.json}) names is alive: a daemon of this user answers on its
+    health port with that pid and that state directory (blocking).
+    """
+    from .healthclient import DaemonError, PortState, probe_port, status
+
+    if probe_port(record.health_port, timeout=5.0).state is not PortState.DAEMON:
+        return False
+    try:
+        facts = status(record.health_port)
+    except (OSError, DaemonError):
+        return False
+    # An upstream daemon does not say where its state is.
+    return facts.get("pid") == record.pid and facts.get("state_dir", str(state_dir)) == str(state_dir)
 
 
 class StartupError(Exception):
@@ -139,6 +166,15 @@ class DaemonService(MultiService):
 
     version = __version__
 
+    #: A dead session's database that C{hyperd} still reports in use is
+    #: dropped again after C{drop_retry_first} seconds, then after twice as
+    #: long each time up to C{drop_retry_max}, for as long as the daemon
+    #: runs; and at once whenever a session attaches or ends.
+    drop_retry_first = 0.1
+    drop_retry_max = 5.0
+    #: Seconds of "in use" after which the daemon says so in its log (once).
+    drop_patience = 10.0
+
     def __init__(
         self,
         reactor: Any,
@@ -185,7 +221,12 @@ class DaemonService(MultiService):
         self._ready_fd = settings.ready_fd
         self._ready_waiters: list[defer.Deferred[dict[str, Any]]] = []
         self._cleanups: set[defer.Deferred[None]] = set()
-        self._leftovers: list[Session] = []
+        #: Sessions that ended without BYE whose database and folder are
+        #: not yet gone, by id.
+        self._pending_drops: dict[str, Session] = {}
+        #: The waits between drop attempts; cancelling one retries at once.
+        self._drop_waits: set[defer.Deferred[None]] = set()
+        self.sessions.on_change.append(self._retry_drops_now)
 
     # -- lifetime -----------------------------------------------------------
 
@@ -216,11 +257,76 @@ class DaemonService(MultiService):
             version=self.version, pid=os.getpid(), port=self.settings.port,
             state_dir=str(self.settings.state_dir),
         )
+        if self.settings.compat:
+            _log.warn(
+                "--compat: hyperd accepts any local user without a password: anyone on "
+                "this machine can read and change every database it has open, and read "
+                "and write files as this user through COPY; use --compat only where no "
+                "one else has an account",
+            )
         if self._install_signal_handlers:
             # After the reactor's own handlers, which would exit by signal.
             self._reactor.callWhenRunning(self._handle_signals)
-        for folder in sweep_orphans(self.settings.sessions_dir, pid_alive):
+        self._sweep()
+        record = self._read_own_record()
+        if record is None or record.health_port == self.settings.port:
+            self._check_lower_ports()
+            return
+        # daemon.json names another daemon: if it still runs there, this
+        # state directory is taken (its file is not ours to overwrite).
+        d = deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                              _serves_state_dir, record, self.settings.state_dir)
+        d.addErrback(lambda f: _log.failure("checking {path} failed", f,
+                                            path=str(self.settings.state_dir / DISCOVERY_NAME))
+                     or False)
+        d.addCallback(lambda alive: self._refuse_state_dir(record.health_port) if alive
+                      else self._check_lower_ports())
+
+    def _read_own_record(self) -> DaemonRecord | None:
+        """
+        C{daemon.json} as this daemon starts.  Anything there that is not a
+        record (a directory, a FIFO, a link, garbage) is removed if it is
+        this user's to remove, or reported.
+        """
+        path = str(self.settings.state_dir / DISCOVERY_NAME)
+        try:
+            return read_record(self.settings.state_dir)
+        except CorruptDiscovery as e:
+            if remove_record(self.settings.state_dir):
+                _log.warn("removed {path}, which was not a discovery record ({problem})",
+                          path=path, problem=e)
+            else:
+                _log.error("{path} is not a discovery record ({problem}) and cannot be "
+                           "removed: remove it, or clients will not find this daemon "
+                           "through it", path=path, problem=e)
+            return None
+
+    def _sweep(self) -> None:
+        """Remove the session folders of clients that are gone; say what else is there."""
+        sweep = sweep_orphans(self.settings.sessions_dir, pid_alive)
+        for folder in sweep.removed:
             _log.info("removed {folder}, left by a client that is gone", folder=str(folder))
+        for folder in sweep.ignored:
+            _log.warn("ignored {folder}: not a session folder (<pid>-...)", folder=str(folder))
+        for folder, error in sweep.failed:
+            _log.warn("could not remove {folder}, left by a client that is gone: {error}",
+                      folder=str(folder), error=error)
+
+    def _refuse_state_dir(self, port: int) -> None:
+        if self._shutting_down:
+            return
+        tell_spawner(self._ready_fd, f"EXISTS {port}")
+        self._ready_fd = None
+        self.shutdown(
+            f"another hyperdb-mcp daemon already uses the state directory "
+            f"{self.settings.state_dir}, on port {port}: use it, stop it with "
+            f"'hyperdb-mcp daemon stop --port {port}', or give this one its own --state-dir",
+            exit_code=1,
+        )
+
+    def _check_lower_ports(self) -> None:
+        if self._shutting_down:
+            return
         if self.settings.lower_ports:
             d = deferToThreadPool(
                 self._reactor, self._reactor.getThreadPool(), _own_daemon_among,
@@ -258,6 +364,7 @@ class DaemonService(MultiService):
         self.stop_reason = reason
         self.exit_code = exit_code
         _log.info("stopping: {reason}", reason=reason)
+        self._retry_drops_now()  # the waiting drops give up their turn
         tell_spawner(self._ready_fd, f"ERROR {reason}")
         self._ready_fd = None
         for waiter in self._ready_waiters:
@@ -279,11 +386,23 @@ class DaemonService(MultiService):
         # With hyperd gone, nothing has the sessions' databases open.
         if self._cleanups:
             await defer.DeferredList(list(self._cleanups))
-        for session in [*self.sessions, *self._leftovers]:
+        # Each step below is logged and passed if it fails (a read-only or
+        # full state directory): the shutdown always runs to its end.
+        for session in [*self.sessions, *self._pending_drops.values()]:
             if session.ephemeral_db:
-                remove_session_folder(Path(session.ephemeral_db).parent)
-        if remove_record_if_owned(self.settings.state_dir, os.getpid(), self.settings.port):
-            _log.info("removed {path}", path=str(self.settings.state_dir / "daemon.json"))
+                folder = Path(session.ephemeral_db).parent
+                try:
+                    remove_session_folder(folder)
+                except OSError as e:
+                    _log.warn("could not remove {folder}: {error}", folder=str(folder),
+                              error=e.strerror or str(e))
+        path = str(self.settings.state_dir / DISCOVERY_NAME)
+        try:
+            if remove_record_if_owned(self.settings.state_dir, os.getpid(), self.settings.port):
+                _log.info("removed {path}", path=path)
+        except OSError as e:
+            _log.error("could not remove {path}: {error}; clients will find it stale and "
+                       "remove it", path=path, error=e.strerror or str(e))
         _log.info("stopped")
         if self._log_observer is not None:
             globalLogPublisher.removeObserver(self._log_observer)
@@ -314,8 +433,27 @@ class DaemonService(MultiService):
                 "cannot write the discovery file in {state_dir}: {error}",
                 state_dir=str(self.settings.state_dir), error=e.strerror,
             )
+            self._withdraw_record()
             return
         _log.info("published hyperd {endpoint} in daemon.json", endpoint=instance.endpoint)
+
+    def _withdraw_record(self) -> None:
+        """
+        Remove this daemon's C{daemon.json}, which names a C{hyperd} that is
+        gone (its new one could not be published): no client may trust the
+        old endpoint and password.
+        """
+        path = str(self.settings.state_dir / DISCOVERY_NAME)
+        try:
+            removed = remove_record_if_owned(self.settings.state_dir, os.getpid(),
+                                             self.settings.port)
+        except OSError as e:
+            _log.error("could not remove the stale {path} either: {error}; clients will find "
+                       "its hyperd gone and remove it", path=path, error=e.strerror or str(e))
+            return
+        if removed:
+            _log.warn("removed the stale {path}: clients find this daemon by its port "
+                      "until the file can be written again", path=path)
 
     def _hyperd_gave_up(self, reason: str) -> None:
         self.shutdown(reason, exit_code=1)
@@ -374,6 +512,13 @@ class DaemonService(MultiService):
             if not isinstance(ephemeral, str):
                 raise ValueError("\"ephemeral_db\" must be a path")
             session_folder(ephemeral, self.settings.sessions_dir)
+            for pending in list(self._pending_drops.values()):
+                if pending.ephemeral_db == ephemeral:
+                    # Its client is back (it reconnected): the database is
+                    # its again, not to be dropped.
+                    del self._pending_drops[pending.id]
+                    _log.info("session {id}'s database is in use again; not dropping it",
+                              id=pending.id)
         session = Session(self.sessions.new_id(), pid, name, ephemeral, time.time())
         self.sessions.attach(session)
         _log.info("session {id} attached: pid {pid} {name}", id=session.id, pid=pid,
@@ -388,37 +533,98 @@ class DaemonService(MultiService):
             return
         _log.info("session {id} ended{how} (pid {pid})", id=session.id, pid=session.pid,
                   how="" if clean else " without goodbye")
-        if session.ephemeral_db and not clean and self._shutting_down:
+        if not session.ephemeral_db or clean:
+            return
+        self._pending_drops[session.id] = session
+        if self._shutting_down:
             # hyperd is going down: its folder goes once hyperd has stopped.
-            self._leftovers.append(session)
-        elif session.ephemeral_db and not clean:
-            cleanup = defer.ensureDeferred(self._drop_ephemeral(session))
-            self._cleanups.add(cleanup)
-            cleanup.addBoth(lambda _: self._cleanups.discard(cleanup))
+            return
+        cleanup = defer.ensureDeferred(self._drop_ephemeral(session))
+        self._cleanups.add(cleanup)
+        cleanup.addBoth(lambda _: self._cleanups.discard(cleanup))
+
+    def _retry_drops_now(self) -> None:
+        """End the waits of the pending drops: each tries again (or gives up) now."""
+        for wait in list(self._drop_waits):
+            wait.cancel()
+
+    async def _wait_to_retry_drop(self, attempt: int) -> None:
+        delay = backoffPolicy(self.drop_retry_first, self.drop_retry_max, 2.0,
+                              jitter=lambda: 0.0)(attempt)
+        wait = deferLater(self._reactor, delay, lambda: None)
+        self._drop_waits.add(wait)
+        try:
+            await wait
+        except defer.CancelledError:
+            pass  # a session came or went, or the daemon is stopping
+        finally:
+            self._drop_waits.discard(wait)
+
+    def _still_to_drop(self, session: Session) -> bool:
+        """
+        Whether the daemon should still drop C{session}'s database through
+        hyperd: it is pending, the daemon is not stopping, and its path
+        still leads through no symbolic link (else hyperd would follow it).
+        """
+        if self._shutting_down or session.id not in self._pending_drops:
+            return False
+        assert session.ephemeral_db is not None
+        try:
+            session_folder(session.ephemeral_db, self.settings.sessions_dir)
+        except ValueError as e:
+            _log.warn("not dropping {path}: {error}", path=session.ephemeral_db, error=e)
+            return False
+        return True
 
     async def _drop_ephemeral(self, session: Session) -> None:
-        """Drop a finished session's database through hyperd, then its folder."""
+        """
+        Drop a finished session's database through hyperd, then remove its
+        folder.  While hyperd reports the database in use, try again with
+        backoff for as long as the daemon runs; if the daemon stops first,
+        L{_stop} removes the folder once hyperd is gone.  A path that has
+        come to lead through a symbolic link is not dropped, and its folder
+        is removed without following it.
+        """
         assert session.ephemeral_db is not None
-        folder = Path(session.ephemeral_db).parent
-        deadline = self._reactor.seconds() + DROP_RETRY_SECONDS
+        path = session.ephemeral_db
+        folder = Path(path).parent
+        started = self._reactor.seconds()
+        warned = False
+        attempt = 0
         while (instance := self.supervisor.instance) is not None:
+            if not self._still_to_drop(session):
+                break
             try:
+                # Checked again once connected: that took a while.
                 await drop_database(
                     self._reactor, instance.host, instance.port, instance.user,
-                    instance.password, session.ephemeral_db,
+                    instance.password, path, lambda: self._still_to_drop(session),
                 )
                 break
             except DatabaseInUse:
-                # The client's own hyperd connection has not closed yet.
-                if self._reactor.seconds() >= deadline or self._shutting_down:
-                    _log.warn("{path} is still in use; left in place", path=session.ephemeral_db)
-                    return
-                await deferLater(self._reactor, 0.1, lambda: None)
+                # The client's own hyperd connection has not closed yet, or a
+                # process of the user still has the database attached.
+                if not warned and self._reactor.seconds() - started >= self.drop_patience:
+                    warned = True
+                    _log.warn("{path} is still in use after {seconds:g} s; trying again "
+                              "every {interval:g} s until it is free", path=path,
+                              seconds=self.drop_patience, interval=self.drop_retry_max)
+                await self._wait_to_retry_drop(attempt)
+                attempt += 1
             except Exception as e:
-                _log.warn("could not drop {path}: {error}", path=session.ephemeral_db, error=e)
+                _log.warn("could not drop {path}: {error}", path=path, error=e)
                 break
-        await deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
-                                remove_session_folder, folder)
+        if self._shutting_down or session.id not in self._pending_drops:
+            return
+        try:
+            await deferToThreadPool(self._reactor, self._reactor.getThreadPool(),
+                                    remove_session_folder, folder)
+        except OSError as e:
+            # Still pending: the shutdown tries again.
+            _log.warn("could not remove {folder}: {error}", folder=str(folder),
+                      error=e.strerror or str(e))
+            return
+        self._pending_drops.pop(session.id, None)
         _log.info("removed the ephemeral database of session {id}", id=session.id)
 
     def status(self) -> dict[str, Any]:

@@ -90,19 +90,38 @@ class DaemonRecord:
         return record
 
 
-def _secure_dir(path: Path) -> None:
+_FIX = "choose another with --state-dir or HYPERDB_STATE_DIR"
+
+
+def _secure_dir(path: Path, may_be_link: bool = False) -> None:
+    """
+    Make C{path} an existing 0700 directory of this user.  A symbolic link
+    is refused, except where C{may_be_link} (the state directory itself):
+    there a link is followed only if the link too is this user's, so that
+    nobody can point our state, and our chmod, at a directory they chose.
+    """
     try:
         path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+        link = path.lstat()
         info = path.stat()
     except OSError as e:
         raise StateDirError(
-            f"Cannot create the state directory {path}: {e.strerror}; "
-            f"choose another with --state-dir or HYPERDB_STATE_DIR."
+            f"Cannot create the state directory {path}: {e.strerror}; {_FIX}."
         ) from None
+    if stat.S_ISLNK(link.st_mode):
+        if not may_be_link:
+            raise StateDirError(
+                f"{path} in the state directory is a symbolic link; remove it "
+                f"(the daemon makes it again) or {_FIX}."
+            )
+        if link.st_uid != os.geteuid():
+            raise StateDirError(
+                f"The state directory {path} is a symbolic link owned by another user "
+                f"(uid {link.st_uid}); remove it or {_FIX}."
+            )
     if not stat.S_ISDIR(info.st_mode):
         raise StateDirError(
-            f"The state directory {path} is not a directory; "
-            f"choose another with --state-dir or HYPERDB_STATE_DIR."
+            f"The state directory {path} is not a directory; {_FIX}."
         )
     if info.st_uid != os.geteuid():
         raise StateDirError(
@@ -117,12 +136,13 @@ def prepare_state_dir(path: Path) -> Path:
     """
     Make C{path}, its C{logs}, C{logs/hyperd} and C{sessions} folders exist
     as 0700 directories of this user (tightening looser modes), and prove C{path}
-    writable.
+    writable.  C{path} may be this user's symbolic link to a directory of
+    theirs; the folders inside may not be links at all.
 
     @return: the C{logs} folder.
     @raise StateDirError: if that cannot be done.
     """
-    _secure_dir(path)
+    _secure_dir(path, may_be_link=True)
     logs = path / LOGS_NAME
     _secure_dir(logs)
     _secure_dir(logs / HYPERD_LOGS_NAME)
@@ -164,49 +184,99 @@ def write_record(state_dir: Path, record: DaemonRecord) -> None:
         raise
 
 
-def read_record(state_dir: Path) -> DaemonRecord | None:
-    """
-    Read C{daemon.json}.
+#: The largest C{daemon.json} read; anything longer is not a record.
+MAX_RECORD_BYTES = 64 * 1024
 
-    @return: the record, or C{None} if there is no file.
-    @raise CorruptDiscovery: if the file is not a valid record.
-    """
+
+def _read_record(state_dir: Path) -> tuple[DaemonRecord, os.stat_result] | None:
+    """L{read_record}, with the file's C{fstat} (to tell it apart later)."""
+    path = discovery_path(state_dir)
     try:
-        raw = discovery_path(state_dir).read_bytes()
+        # Never follow a link, never wait for a writer (a FIFO), and look at
+        # what was opened before reading it.
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return None
     except OSError as e:
+        raise CorruptDiscovery(f"cannot be opened: {e.strerror}") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise CorruptDiscovery("not a regular file")
+        if info.st_uid != os.geteuid():
+            raise CorruptDiscovery(f"owned by another user (uid {info.st_uid})")
+        if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+            raise CorruptDiscovery("writable by other users")
+        if info.st_size > MAX_RECORD_BYTES:
+            raise CorruptDiscovery("too large")
+        raw = os.read(fd, MAX_RECORD_BYTES + 1)
+    except OSError as e:
         raise CorruptDiscovery(f"unreadable: {e.strerror}") from None
+    finally:
+        os.close(fd)
     try:
         data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError):
         raise CorruptDiscovery("not JSON") from None
-    return DaemonRecord.from_json(data)
+    return DaemonRecord.from_json(data), info
+
+
+def read_record(state_dir: Path) -> DaemonRecord | None:
+    """
+    Read C{daemon.json}.  Only a regular file of this user, writable by no
+    one else, is read: never through a link, and never waiting on a FIFO.
+
+    @return: the record, or C{None} if there is no file.
+    @raise CorruptDiscovery: if the file is anything else, or not a valid
+        record.
+    """
+    found = _read_record(state_dir)
+    return None if found is None else found[0]
 
 
 def remove_record_if_owned(state_dir: Path, pid: int, health_port: int) -> bool:
     """
     Remove C{daemon.json} if it names the daemon C{pid} on C{health_port};
-    leave any other daemon's file alone.
+    leave any other daemon's file alone (one written since it was read
+    included).
 
     @return: whether the file was removed.
+    @raise OSError: if it names this daemon but cannot be removed (a
+        read-only state directory, for instance).
     """
     try:
-        record = read_record(state_dir)
+        found = _read_record(state_dir)
     except CorruptDiscovery:
         return False
-    if record is None or (record.pid, record.health_port) != (pid, health_port):
+    if found is None or (found[0].pid, found[0].health_port) != (pid, health_port):
         return False
+    path = discovery_path(state_dir)
     try:
-        discovery_path(state_dir).unlink()
+        if not os.path.samestat(found[1], path.lstat()):
+            return False
+        path.unlink()
     except FileNotFoundError:
         return False
     return True
 
 
-def remove_record(state_dir: Path) -> None:
-    """Remove C{daemon.json} (a client that found it stale or corrupt)."""
+def remove_record(state_dir: Path) -> bool:
+    """
+    Remove C{daemon.json} (a client that found it stale or corrupt),
+    whatever kind of entry it is, if it is this user's: a link goes, not
+    its target; a directory goes only if it is empty.  Never raises.
+
+    @return: whether something was removed.
+    """
+    path = discovery_path(state_dir)
     try:
-        discovery_path(state_dir).unlink()
-    except FileNotFoundError:
-        pass
+        info = path.lstat()
+        if info.st_uid != os.geteuid():
+            return False
+        if stat.S_ISDIR(info.st_mode):
+            path.rmdir()
+        else:
+            path.unlink()
+    except OSError:
+        return False
+    return True

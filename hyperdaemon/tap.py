@@ -41,7 +41,10 @@ class Options(usage.Options):
     ]
     optFlags = [
         ["compat", None,
-         "Start hyperd without a password, so that upstream Rust clients can use it."],
+         "Start hyperd without a password, so that upstream Rust clients can use it.  "
+         "UNSAFE on a machine shared with other users: any local user can then log in "
+         "to hyperd, read and change every database, and read and write files as you "
+         "(COPY ... TO/FROM)."],
     ]
 
     def postOptions(self) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import pytest
-from twisted.trial.unittest import SynchronousTestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hyperdaemon import __version__
 from support import (
@@ -30,6 +30,7 @@ from support import (
     pid_alive,
     port_is_free,
     status,
+    until,
     wait_for,
 )
 
@@ -581,3 +582,395 @@ class OtherUserTests(DaemonTestCase):
             return "connected"
 
         self.assertEqual(run_as(NOBODY, log_in), "refused")
+
+
+# -- hostile or broken files (issue 11, item 8) ---------------------------------
+
+
+def hyperd_execute(record: dict[str, Any], *statements: str) -> None:
+    """Run C{statements} (no result rows) on the hyperd that C{record} names."""
+    import psycopg
+
+    host, _, port = record["hyperd_endpoint"].rpartition(":")
+    with psycopg.connect(
+        host=host, port=int(port), user=record["hyperd_user"],
+        password=record["hyperd_password"], autocommit=True, connect_timeout=5,
+    ) as conn:
+        for statement in statements:
+            conn.execute(statement)
+
+
+def daemon_log(state: Path) -> str:
+    return (state / "logs" / "daemon.log").read_text(errors="replace")
+
+
+def one_line(text: str) -> str:
+    """C{text} with its white space (line breaks of a help text) collapsed."""
+    return " ".join(text.split())
+
+
+class HostileFileTests(DaemonTestCase):
+    """Strange entries in the state directory neither crash the daemon nor lead it astray."""
+
+    def setUp(self) -> None:
+        self.state = self.tmp / "state"
+        self.sessions = self.state / "sessions"
+
+    def test_stray_session_folder_names_are_ignored_and_logged(self) -> None:
+        strays = ["99999999999999999999-x", "\u00b2-x"]
+        for name in strays:
+            (self.sessions / name).mkdir(parents=True)
+        daemon = self.start_daemon("--idle-timeout", "0")
+        daemon.wait_ready()
+        log = daemon_log(self.state)
+        for name in strays:
+            self.assertIn(f"ignored {self.sessions / name}: not a session folder", log)
+            self.assertTrue((self.sessions / name).is_dir())
+        self.assertNotIn("Traceback", log)
+
+    def test_session_refuses_a_folder_that_is_a_symlink(self) -> None:
+        daemon = self.start_daemon("--idle-timeout", "0")
+        daemon.wait_ready()
+        outside = self.tmp / "outside"
+        outside.mkdir()
+        victim = outside / "scratch.hyper"
+        hyperd_execute(daemon.record(), f'CREATE DATABASE "{victim}"')
+        link = self.sessions / f"{os.getpid()}-evil"
+        link.symlink_to(outside)
+        fields = {"pid": os.getpid(), "ephemeral_db": str(link / "scratch.hyper")}
+        reply = ask(daemon.port, "SESSION " + json.dumps(fields))[0]
+        self.assertTrue(
+            reply.startswith("ERR ephemeral_db must not lead through a symbolic link"), reply)
+        self.assertEqual(status(daemon.port)["sessions"], [])
+        self.assertTrue(victim.is_file())
+
+    def test_a_folder_turned_into_a_symlink_is_never_followed_when_dropped(self) -> None:
+        daemon = self.start_daemon("--idle-timeout", "0")
+        daemon.wait_ready()
+        outside = self.tmp / "outside"
+        outside.mkdir()
+        victim = outside / "scratch.hyper"
+        hyperd_execute(daemon.record(), f'CREATE DATABASE "{victim}"')
+        folder = self.sessions / f"{os.getpid()}-swapped"
+        folder.mkdir()
+        with socket.create_connection(("127.0.0.1", daemon.port), timeout=QUICK) as s:
+            f = s.makefile("rwb")
+            fields = {"pid": os.getpid(), "ephemeral_db": str(folder / "scratch.hyper")}
+            f.write(b"SESSION " + json.dumps(fields).encode() + b"\n")
+            f.flush()
+            self.assertTrue(f.readline().startswith(b"OK "))
+            # Accepted; now the folder becomes a link out of the state directory.
+            folder.rmdir()
+            folder.symlink_to(outside)
+            f.close()
+        # The connection dropped without BYE: the daemon cleans up.
+        wait_for(lambda: not os.path.lexists(folder), QUICK, "the link to be removed")
+        self.assertTrue(victim.is_file())
+        self.assertIn("not dropping", daemon_log(self.state))
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a link of another user")
+    def test_a_state_dir_symlink_of_another_user_is_refused(self) -> None:
+        target = self.tmp / "victim"
+        target.mkdir()
+        os.chmod(target, 0o755)
+        self.state.symlink_to(target)
+        os.lchown(self.state, NOBODY, NOBODY)
+        daemon = self.start_daemon("--idle-timeout", "0")
+        self.assertEqual(daemon.wait_exit(), 1)
+        out = daemon.output()
+        self.assertNotIn("Traceback", out)
+        self.assertEqual(len(out.strip().splitlines()), 1, out)
+        self.assertIn(f"The state directory {self.state} is a symbolic link owned by another "
+                      f"user (uid {NOBODY})", out)
+        self.assertIn("--state-dir", out)
+        self.assertEqual(stat.S_IMODE(target.stat().st_mode), 0o755)
+        self.assertEqual(os.listdir(target), [])
+
+    def test_daemon_replaces_a_directory_at_daemon_json(self) -> None:
+        (self.state / "daemon.json").mkdir(parents=True)
+        daemon = self.start_daemon("--idle-timeout", "0")
+        daemon.wait_ready()
+        wait_for(lambda: daemon.record_path.is_file(), QUICK, "daemon.json to be a file")
+        self.assertEqual(daemon.record()["pid"], daemon.pid)
+        self.assertIn("which was not a discovery record (not a regular file)",
+                      daemon_log(self.state))
+
+
+class BrokenDiscoveryFileTests(SynchronousTestCase):
+    """`daemon status` gets past anything at daemon.json, at once and in one line."""
+
+    @pytest.fixture(autouse=True)
+    def _tmp(self, tmp_path):
+        from hyperdaemon.discovery import prepare_state_dir
+        from support import free_range
+
+        self.state = tmp_path / "state"
+        prepare_state_dir(self.state)
+        first, last = free_range(2)
+        self.env = dict(os.environ, HYPERDB_STATE_DIR=str(self.state),
+                        HYPERDB_DAEMON_PORT_RANGE=f"{first}-{last}")
+
+    def status_command(self) -> Any:
+        import subprocess
+
+        return subprocess.run(
+            [sys.executable, "-m", "hyperdaemon", "daemon", "status"], env=self.env,
+            capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+        )
+
+    def assert_no_daemon_and_file_gone(self) -> None:
+        result = self.status_command()
+        self.assertEqual(result.returncode, 1)
+        self.assertEqual(result.stderr.strip(), "No daemon is currently running.")
+        self.assertFalse(os.path.lexists(self.state / "daemon.json"))
+
+    def test_a_fifo_is_removed_and_status_answers(self) -> None:
+        os.mkfifo(self.state / "daemon.json", 0o600)
+        self.assert_no_daemon_and_file_gone()
+
+    def test_an_empty_directory_is_removed_and_status_answers(self) -> None:
+        (self.state / "daemon.json").mkdir()
+        self.assert_no_daemon_and_file_gone()
+
+    def test_a_symlink_is_removed_not_its_target(self) -> None:
+        elsewhere = self.state.parent / "elsewhere.json"
+        elsewhere.write_text("{}")
+        (self.state / "daemon.json").symlink_to(elsewhere)
+        self.assert_no_daemon_and_file_gone()
+        self.assertEqual(elsewhere.read_text(), "{}")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small file system")
+class ScarceStateDirTests(DaemonTestCase):
+    """A state directory that turns read-only or fills up."""
+
+    def mount_tmpfs(self, path: Path, size: str) -> None:
+        import subprocess
+
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
+                        str(path)], check=True)
+        self.addCleanup(subprocess.run, ["umount", "-l", str(path)], check=False)
+
+    def setUp(self) -> None:
+        # The state directory on a file system of its own, its logs on
+        # another, so that the daemon can still log what went wrong.
+        self.state = self.tmp / "state"
+        self.mount_tmpfs(self.state, "1m")
+        self.mount_tmpfs(self.state / "logs", "64m")
+
+    def test_shutdown_finishes_when_the_state_dir_turned_read_only(self) -> None:
+        import subprocess
+
+        daemon = self.start_daemon("--idle-timeout", "0")
+        facts = daemon.wait_ready()
+        subprocess.run(["mount", "-o", "remount,ro", str(self.state)], check=True)
+        self.assertEqual(ask(daemon.port, "STOP"), ["STOPPING"])
+        self.assertEqual(daemon.wait_exit(), 0)
+        out = daemon.output()
+        self.assertNotIn("Traceback", out)
+        self.assertIn(f"could not remove {self.state / 'daemon.json'}", out)
+        self.assertIn("[hyperdaemon.daemon#info] stopped\n", out)
+        self.assertTrue(port_is_free(daemon.port))
+        wait_for(lambda: not pid_alive(facts["hyperd_pid"]), QUICK, "hyperd to exit")
+
+    def test_a_full_state_dir_withdraws_the_stale_discovery_file(self) -> None:
+        daemon = self.start_daemon("--idle-timeout", "0")
+        old = daemon.wait_ready()
+        self.assertEqual(daemon.record()["hyperd_endpoint"], old["hyperd_endpoint"])
+        fd = os.open(self.state / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        try:
+            while True:
+                os.write(fd, b"\0" * 65536)
+        except OSError as e:
+            self.assertEqual(e.errno, 28)  # ENOSPC
+        finally:
+            os.close(fd)
+        os.kill(old["hyperd_pid"], signal.SIGKILL)
+        new = wait_for(
+            lambda: (lambda f: f if f["state"] == "ready" and f["hyperd_pid"] != old["hyperd_pid"]
+                     else None)(status(daemon.port)),
+            READY_TIMEOUT, "a new hyperd",
+        )
+        self.assertNotEqual(new["hyperd_endpoint"], old["hyperd_endpoint"])
+        wait_for(lambda: not daemon.record_path.exists(), QUICK,
+                 "the stale daemon.json to be removed")
+        self.assertIn(f"removed the stale {self.state / 'daemon.json'}", daemon_log(self.state))
+
+
+class SharedStateDirTests(DaemonTestCase):
+    def test_a_second_daemon_on_the_same_state_dir_is_refused(self) -> None:
+        first = self.start_daemon("--idle-timeout", "0")
+        first.wait_ready()
+        published = first.record()
+        second = self.start_daemon("--idle-timeout", "0")  # another pinned port
+        self.assertEqual(second.wait_exit(30), 1)
+        out = second.output()
+        self.assertNotIn("Traceback", out)
+        self.assertIn(f"another hyperdb-mcp daemon already uses the state directory "
+                      f"{self.tmp / 'state'}, on port {first.port}", out)
+        self.assertIn(f"hyperdb-mcp daemon stop --port {first.port}", out)
+        self.assertIn("--state-dir", out)
+        self.assertEqual(first.record(), published)
+        self.assertEqual(status(first.port)["pid"], first.pid)
+        self.assertEqual(hyperd_query(first.record()), 2)
+
+    def test_a_stale_discovery_file_of_a_dead_daemon_does_not_stop_a_start(self) -> None:
+        state = self.tmp / "state"
+        first = self.start_daemon("--idle-timeout", "0")
+        first.wait_ready()
+        stale = first.record()
+        first.proc.kill()
+        first.wait_exit()
+        self.assertEqual(json.loads(first.record_path.read_text()), stale)
+        second = self.start_daemon("--idle-timeout", "0")
+        second.wait_ready()
+        wait_for(lambda: json.loads((state / "daemon.json").read_text())["pid"] == second.pid,
+                 QUICK, "daemon.json to name the new daemon")
+
+
+class CompatWarningTests(DaemonTestCase):
+    WARNING = "--compat: hyperd accepts any local user without a password"
+
+    def test_compat_logs_a_warning_at_start(self) -> None:
+        daemon = self.start_daemon("--idle-timeout", "0", "--compat")
+        daemon.wait_ready()
+        log = one_line(daemon_log(self.tmp / "state"))
+        self.assertIn(self.WARNING, log)
+        self.assertIn("read and write files as this user through COPY", log)
+
+    def test_no_warning_without_compat(self) -> None:
+        daemon = self.start_daemon("--idle-timeout", "0")
+        daemon.wait_ready()
+        self.assertNotIn(self.WARNING, daemon_log(self.tmp / "state"))
+
+    def test_help_says_compat_is_unsafe(self) -> None:
+        import subprocess
+
+        from hyperdaemon.tap import Options
+
+        cli_help = subprocess.run(
+            [sys.executable, "-m", "hyperdaemon", "daemon", "--help"],
+            capture_output=True, text=True, timeout=QUICK, check=True,
+        ).stdout
+        for text in (str(Options()), cli_help):
+            text = one_line(text)
+            self.assertIn("UNSAFE on a machine shared with other users: any local user can "
+                          "then log in to hyperd", text)
+            self.assertIn("read and write files as you (COPY ... TO/FROM)", text)
+
+
+# -- drops of dead sessions' databases (issue 11, item 7) -----------------------
+
+
+class DropRetryTests(TestCase):
+    """
+    The daemon in this process, with the real hyperd: a database that a
+    libpq connection still has attached is dropped once it is let go,
+    however long that takes.
+    """
+
+    timeout = 180
+
+    @pytest.fixture(autouse=True)
+    def _tmp(self, tmp_path):
+        self.tmp = tmp_path
+
+    async def start_service(self, **tunables: float) -> Any:
+        from twisted.internet import reactor
+
+        from hyperdaemon.config import hyperd_executable
+        from hyperdaemon.daemon import DaemonService, DaemonSettings
+        from hyperdaemon.discovery import prepare_state_dir
+
+        self.state = self.tmp / "state"
+        logs = prepare_state_dir(self.state)
+        settings = DaemonSettings(port=free_port(), state_dir=self.state, logs_dir=logs,
+                                  idle_timeout=0, hyperd=hyperd_executable(os.environ))
+        service = DaemonService(reactor, settings, on_shutdown=lambda: None)
+        for name, value in tunables.items():
+            setattr(service, name, value)
+        service.privilegedStartService()
+        service.startService()
+
+        def stop() -> Any:
+            service.shutdown("the test is over")
+            return service.stopService()
+
+        self.addCleanup(stop)
+        return service
+
+    async def session_holding_its_database(self, service: Any, name: str) -> tuple[str, Path, Any]:
+        """A session whose database a libpq connection has attached: id, folder, connection."""
+        import psycopg
+        from twisted.internet.threads import deferToThread
+
+        folder = service.settings.sessions_dir / f"{os.getpid()}-{name}"
+        folder.mkdir(mode=0o700)
+        database = folder / "scratch.hyper"
+        session_id, ready = service.attach_session({"pid": os.getpid(),
+                                                    "ephemeral_db": str(database)})
+        facts = await ready
+
+        def attach() -> Any:
+            host, _, port = facts["hyperd_endpoint"].rpartition(":")
+            conn = psycopg.connect(host=host, port=int(port), user=facts["hyperd_user"],
+                                   password=facts["hyperd_password"], autocommit=True,
+                                   connect_timeout=5)
+            conn.execute(f'CREATE DATABASE "{database}"')
+            conn.execute(f'ATTACH DATABASE "{database}" AS scratch')
+            return conn
+
+        conn = await deferToThread(attach)
+        self.addCleanup(conn.close)
+        return session_id, folder, conn
+
+    async def test_a_database_in_use_past_the_old_limit_is_dropped_once_let_go(self) -> None:
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+        from twisted.internet.threads import deferToThread
+
+        # The old limit was 10 s; here the daemon's patience is 0.5 s.
+        service = await self.start_service(drop_patience=0.5, drop_retry_max=0.5)
+        session_id, folder, conn = await self.session_holding_its_database(service, "held")
+        service.end_session(session_id, clean=False)  # its connection dropped
+        # The database stays attached four times the daemon's patience.
+        await deferLater(reactor, 2.0, lambda: None)
+        self.assertTrue((folder / "scratch.hyper").exists())
+        await deferToThread(conn.close)
+        await until(lambda: not folder.exists(), QUICK, "the folder to be removed")
+        log = daemon_log(self.state)
+        self.assertIn(f"{folder / 'scratch.hyper'} is still in use after 0.5 s; trying again", log)
+        self.assertIn(f"removed the ephemeral database of session {session_id}", log)
+
+    async def test_a_waiting_drop_is_tried_again_when_a_session_ends(self) -> None:
+        from twisted.internet.threads import deferToThread
+
+        # Retries a minute apart: only a session ending can make it prompt.
+        service = await self.start_service(drop_patience=0.0, drop_retry_first=60.0,
+                                           drop_retry_max=60.0)
+        session_id, folder, conn = await self.session_holding_its_database(service, "held")
+        service.end_session(session_id, clean=False)
+        await until(lambda: "is still in use" in daemon_log(self.state), QUICK,
+                    "a drop refused while the database is attached")
+        # Let go of it for sure (a closing connection may keep it a moment).
+        await deferToThread(conn.execute, "DETACH DATABASE scratch")
+        other, ready = service.attach_session({"pid": os.getpid()})
+        await ready
+        service.end_session(other, clean=True)
+        await until(lambda: not folder.exists(), QUICK, "the folder to be removed")
+
+    async def test_a_client_that_comes_back_keeps_its_database(self) -> None:
+        from twisted.internet.threads import deferToThread
+
+        service = await self.start_service()
+        session_id, folder, conn = await self.session_holding_its_database(service, "back")
+        service.end_session(session_id, clean=False)
+        # The client reconnects and registers the same database again.
+        again, ready = service.attach_session({"pid": os.getpid(),
+                                               "ephemeral_db": str(folder / "scratch.hyper")})
+        await ready
+        await deferToThread(conn.close)
+        await until(lambda: not service._cleanups, QUICK, "the daemon's drops to settle")
+        self.assertTrue((folder / "scratch.hyper").exists())
+        self.assertEqual([s["id"] for s in service.status()["sessions"]], [again])

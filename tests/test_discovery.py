@@ -315,3 +315,128 @@ class RemoveRecordTests(TempDirMixin, SynchronousTestCase):
         remove_record(self.state)
         self.assertFalse(self.path.exists())
         remove_record(self.state)
+
+
+class StateDirLinkTests(TempDirMixin, SynchronousTestCase):
+    """The state directory is checked as the link it may be, not only its target."""
+
+    def test_another_users_symlink_is_refused_and_its_target_left_alone(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("needs root to make a link of another user")
+        base = self.make_temp_dir()
+        target = base / "victim"
+        target.mkdir(mode=0o755)
+        os.chmod(target, 0o755)
+        state = base / "state"
+        state.symlink_to(target)
+        os.lchown(state, 65534, 65534)
+        with self.assertRaises(StateDirError) as caught:
+            prepare_state_dir(state)
+        message = str(caught.exception)
+        self.assertIn(str(state), message)
+        self.assertIn("symbolic link owned by another user (uid 65534)", message)
+        self.assertIn("--state-dir", message)
+        self.assertEqual(mode_of(target), 0o755)
+        self.assertEqual(os.listdir(target), [])
+
+    def test_own_symlink_to_own_directory_is_accepted(self) -> None:
+        base = self.make_temp_dir()
+        target = base / "real"
+        target.mkdir()
+        os.chmod(target, 0o755)
+        state = base / "state"
+        state.symlink_to(target)
+        prepare_state_dir(state)
+        self.assertEqual(mode_of(target), 0o700)
+        self.assertEqual(sorted(os.listdir(target)), ["logs", "sessions"])
+
+    def test_a_symlinked_sessions_folder_is_refused(self) -> None:
+        base = self.make_temp_dir()
+        elsewhere = base / "elsewhere"
+        elsewhere.mkdir()
+        state = base / "state"
+        state.mkdir(mode=0o700)
+        (state / "sessions").symlink_to(elsewhere)
+        with self.assertRaises(StateDirError) as caught:
+            prepare_state_dir(state)
+        self.assertIn(f"{state / 'sessions'} in the state directory is a symbolic link",
+                      str(caught.exception))
+
+
+class OddDiscoveryFileTests(TempDirMixin, SynchronousTestCase):
+    """Whatever sits at daemon.json, reading it neither blocks nor trusts it."""
+
+    def setUp(self) -> None:
+        self.state = self.make_temp_dir() / "state"
+        prepare_state_dir(self.state)
+        self.path = self.state / DISCOVERY_NAME
+
+    def test_a_fifo_is_corrupt_at_once_and_removable(self) -> None:
+        import threading
+
+        os.mkfifo(self.path, 0o600)
+        outcome: list[object] = []
+
+        def read() -> None:
+            try:
+                outcome.append(read_record(self.state))
+            except CorruptDiscovery as e:
+                outcome.append(e)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(10)
+        if reader.is_alive():
+            # Release the blocked reader before failing.
+            os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
+            reader.join(10)
+            self.fail("reading a FIFO at daemon.json blocked")
+        self.assertIsInstance(outcome[0], CorruptDiscovery)
+        self.assertTrue(remove_record(self.state))
+        self.assertFalse(os.path.lexists(self.path))
+
+    def test_a_directory_is_corrupt_and_an_empty_one_is_removed(self) -> None:
+        self.path.mkdir()
+        self.assertRaises(CorruptDiscovery, read_record, self.state)
+        self.assertTrue(remove_record(self.state))
+        self.assertFalse(os.path.lexists(self.path))
+
+    def test_a_full_directory_is_left_without_an_error(self) -> None:
+        self.path.mkdir()
+        (self.path / "inside").write_bytes(b"")
+        self.assertFalse(remove_record(self.state))
+        self.assertTrue((self.path / "inside").exists())
+        self.assertFalse(remove_record_if_owned(self.state, RECORD.pid, RECORD.health_port))
+
+    def test_a_symlink_to_a_valid_record_is_not_followed(self) -> None:
+        elsewhere = self.state.parent / "elsewhere"
+        elsewhere.mkdir()
+        write_record(elsewhere, RECORD)
+        self.path.symlink_to(elsewhere / DISCOVERY_NAME)
+        self.assertRaises(CorruptDiscovery, read_record, self.state)
+        self.assertTrue(remove_record(self.state))
+        self.assertFalse(os.path.lexists(self.path))
+        self.assertEqual(read_record(elsewhere), RECORD)
+
+    def test_a_record_others_may_write_is_not_trusted(self) -> None:
+        write_record(self.state, RECORD)
+        os.chmod(self.path, 0o666)
+        with self.assertRaises(CorruptDiscovery) as caught:
+            read_record(self.state)
+        self.assertIn("writable by other users", str(caught.exception))
+
+    def test_another_users_record_is_not_trusted_nor_removed(self) -> None:
+        if os.geteuid() != 0:
+            raise SkipTest("needs root to give a file away")
+        write_record(self.state, RECORD)
+        os.chown(self.path, 65534, 65534)
+        with self.assertRaises(CorruptDiscovery) as caught:
+            read_record(self.state)
+        self.assertIn("another user", str(caught.exception))
+        self.assertFalse(remove_record(self.state))
+        self.assertTrue(self.path.exists())
+
+    def test_an_over_long_file_is_corrupt(self) -> None:
+        self.path.write_bytes(b" " * (1024 * 1024))
+        os.chmod(self.path, 0o600)
+        self.assertRaises(CorruptDiscovery, read_record, self.state)
