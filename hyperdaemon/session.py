@@ -26,6 +26,7 @@ import json
 import os
 import select
 import shutil
+import socket
 import tempfile
 import threading
 from pathlib import Path
@@ -569,6 +570,46 @@ class _turn:
             self._fd = None
 
 
+def connect_hyperd(credentials: Credentials) -> Any:
+    """
+    A psycopg connection (autocommit) to the C{hyperd} of C{credentials},
+    once we know that this user's process accepted it: a port can change
+    hands when a C{hyperd} dies, and our statements and rows must never
+    reach another user's process.  The password is only ever proven with
+    SCRAM, never sent.
+
+    @raise SessionError: if another user's process answered.
+    @raise psycopg.OperationalError: if it cannot connect (try again).
+    """
+    import psycopg
+
+    from . import peeruid
+
+    extra = {"require_auth": "scram-sha-256"} if credentials.password is not None else {}
+    # No prepared statements: databases are attached and detached around
+    # calls, and a plan prepared over a table that has since gone fails
+    # ("no longer valid").
+    connection = psycopg.connect(
+        host=credentials.host, port=credentials.port, user=credentials.user,
+        password=credentials.password, autocommit=True, connect_timeout=10,
+        prepare_threshold=None, **extra,
+    )
+    try:
+        with socket.socket(fileno=os.dup(connection.pgconn.socket)) as sock:
+            owner = peeruid.server_uid(sock)
+    except (peeruid.UnknownPeer, OSError):
+        connection.close()
+        raise psycopg.OperationalError(
+            f"hyperd at {credentials.host}:{credentials.port} closed the connection") from None
+    if owner is not None and owner != os.getuid():
+        connection.close()
+        raise SessionError(
+            f"the hyperd endpoint {credentials.host}:{credentials.port} is held by "
+            f"{peeruid.describe_uid(owner)}, not by you: nothing was sent to it; stop that "
+            f"process or ask the daemon for a new hyperd (hyperdb-mcp daemon stop)")
+    return connection
+
+
 def _quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
@@ -731,14 +772,7 @@ class Session:
             credentials = blockingCallFromThread(self._reactor, self._fresh_credentials)
             self.credentials = credentials
             try:
-                # No prepared statements: databases are attached and
-                # detached around calls, and a plan prepared over a table
-                # that has since gone fails ("no longer valid").
-                connection = psycopg.connect(
-                    host=credentials.host, port=credentials.port, user=credentials.user,
-                    password=credentials.password, autocommit=True, connect_timeout=10,
-                    prepare_threshold=None,
-                )
+                connection = connect_hyperd(credentials)
                 break
             except psycopg.OperationalError:
                 # A hyperd that died a moment ago may still be the one on record.
