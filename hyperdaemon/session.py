@@ -413,6 +413,14 @@ class DaemonLink:
         self._register(protocol, self._ephemeral)
 
     def _register(self, protocol: _SessionProtocol, ephemeral: Path | None) -> None:
+        if ephemeral is not None:
+            # A daemon that stopped (a takeover) removed our folder: a new,
+            # empty one, for the new daemon to accept and clean up.
+            try:
+                ephemeral.parent.mkdir(mode=0o700, exist_ok=True)
+            except OSError as e:
+                _log.warn("cannot make {folder}: {error}", folder=str(ephemeral.parent),
+                          error=e.strerror)
         fields = {"pid": os.getpid(), "name": self._name,
                   "ephemeral_db": str(ephemeral) if ephemeral else None,
                   "release": True}
