@@ -27,6 +27,7 @@ from hyperdaemon.daemon import SESSION_PROTOCOL
 from hyperdaemon.finder import Finder
 from hyperdaemon.session import SessionError
 from support import QUICK, pid_alive, until
+from test_mcpserver import McpTestCase, ToolCallError
 from test_session import ClientTestCase
 
 
@@ -172,3 +173,32 @@ class SharpenedTests(ClientTestCase):
             await session.execute(["INSERT INTO t VALUES (1)", "INSERT INTO nowhere VALUES (2)"])
         self.assertIn("nowhere", str(caught.exception))
         self.assertEqual((await session.query("SELECT count(*) FROM t")).rows, [(0,)])
+
+
+class FailedLoadTests(McpTestCase):
+    def test_a_failed_replace_keeps_the_old_rows_and_a_broken_json_lines_file_loads_nothing(
+            self) -> None:
+        # Rows that fit, then one that does not fit the schema, far into the file.
+        broken = self.tmp / "broken.jsonl"
+        good = "".join(json.dumps({"id": i, "name": f"n{i}"}) + "\n" for i in range(5000))
+        broken.write_text(good + json.dumps({"id": "not a number", "name": "x"}) + "\n" + good)
+        schema = {"id": "BIGINT", "name": "TEXT"}
+
+        async def go() -> None:
+            async with self.server() as s:
+                c = lambda tool, **kw: self.call(s, tool, **kw)  # noqa: E731
+                await c("load_data", table="keep", data="id,name\n1,a\n2,b\n")
+                with self.assertRaises(ToolCallError) as caught:
+                    await c("load_file", table="keep", path=str(broken), mode="replace",
+                            schema=schema)
+                self.assertIn("does not fit", str(caught.exception))
+                rows = await c("query", sql="SELECT id, name FROM keep ORDER BY id")
+                self.assertEqual(rows["rows"], [[1, "a"], [2, "b"]])
+                with self.assertRaises(ToolCallError):
+                    await c("load_file", table="fresh", path=str(broken), schema=schema)
+                listed = await c("describe")
+                names = [t["table"] for t in listed["tables"]]
+                self.assertNotIn("fresh", names)
+                self.assertFalse([n for n in names if "loading" in n], names)
+
+        self.drive(go())
