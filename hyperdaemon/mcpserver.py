@@ -7,7 +7,9 @@ stdio.  Before it serves, the server opens its session (finding or spawning
 the daemon, or a private C{hyperd} with C{--no-daemon}), so that
 C{hyperdb-mcp daemon status} lists it at once.  When stdin closes, or on
 SIGTERM/SIGINT, it closes the session (its ephemeral database goes) and
-exits promptly; the SDK's stdin reader thread cannot keep it alive.
+exits promptly, even in the middle of a tool call: a load under way stops,
+the statement under way is cancelled, and neither the SDK's stdin reader
+thread nor its unwinding can keep the process alive.
 
 Start-up is mostly the SDK's import, Python work that holds the GIL: it runs
 in a thread while the reactor opens the session, so that waiting on the
@@ -218,6 +220,7 @@ def run(options: dict[str, Any]) -> int:
             session = await opening
             await _as_future(session.close())
             raise
+        tools = None
         try:
             await importing
 
@@ -234,9 +237,21 @@ def run(options: dict[str, Any]) -> int:
             server = build_server(tools)
             gc.freeze()
             gc.enable()
-            await server.run_stdio_async()
+            serving = asyncio.ensure_future(server.run_stdio_async())
+            try:
+                # Shielded, so that a signal ends main at once: the SDK reads
+                # stdin in a thread that no cancellation interrupts, and the
+                # server would not finish unwinding before the client's next
+                # line.  That thread goes with the process (os._exit).
+                await asyncio.shield(serving)
+            finally:
+                serving.cancel()
             outcome["code"] = 0
         finally:
+            if tools is not None:
+                # A load under way stops at its next step; the close cancels
+                # its statement: neither holds the exit up.
+                tools.stop()
             await _as_future(session.close())
 
     def start() -> None:

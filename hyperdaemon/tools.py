@@ -11,14 +11,13 @@ classification, type inference, result shaping) are tested on their own.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
+import contextlib
 import os
 import re
 import secrets
+import threading
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable
 
 from twisted.internet import defer
 
@@ -29,10 +28,6 @@ from .session import EPHEMERAL_ALIAS, PERSISTENT_ALIAS, Session
 ROW_CAP = 200
 #: Characters of one cell shown at most.
 CELL_CAP = 2000
-#: Rows read to infer the column types of a CSV or JSON source.
-INFER_ROWS = 1000
-#: Rows inserted per batch when loading JSON.
-BATCH = 1000
 
 READ_ONLY_STARTS = {"SELECT", "WITH", "VALUES", "TABLE", "EXPLAIN", "SHOW"}
 WRITE_WORDS = {
@@ -141,102 +136,6 @@ def shape_result(columns: list[str], rows: list[tuple[Any, ...]], total: int | N
     return result
 
 
-def _looks_int(text: str) -> bool:
-    return bool(re.fullmatch(r"[+-]?\d{1,18}", text))
-
-
-def _looks_float(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return text.strip().lower() not in ("nan", "inf", "-inf", "infinity", "-infinity")
-
-
-def infer_type(values: Iterable[Any]) -> str:
-    """
-    The narrowest Hyper type for C{values} (strings from CSV, or JSON
-    values): BOOLEAN, BIGINT, DOUBLE PRECISION, else TEXT.  Empty strings
-    and None are nulls and say nothing.
-    """
-    kinds = set()
-    for value in values:
-        if value is None or value == "":
-            continue
-        if isinstance(value, bool) or (isinstance(value, str)
-                                       and value.strip().lower() in ("true", "false")):
-            kinds.add("bool")
-        elif isinstance(value, int) or (isinstance(value, str) and _looks_int(value)):
-            kinds.add("int")
-        elif isinstance(value, float) or (isinstance(value, str) and _looks_float(value)):
-            kinds.add("float")
-        else:
-            return "TEXT"
-    if kinds == {"bool"}:
-        return "BOOLEAN"
-    if kinds == {"int"}:
-        return "BIGINT"
-    if kinds and kinds <= {"int", "float"}:
-        return "DOUBLE PRECISION"
-    return "TEXT"
-
-
-def _convert(value: Any, sql_type: str) -> Any:
-    if value is None or value == "":
-        return None
-    if sql_type == "BOOLEAN":
-        return value if isinstance(value, bool) else str(value).strip().lower() == "true"
-    if sql_type == "BIGINT":
-        return int(value)
-    if sql_type == "DOUBLE PRECISION":
-        return float(value)
-    if isinstance(value, (dict, list)):
-        return json.dumps(value)
-    return str(value)
-
-
-def parse_records(data: str, fmt: str | None) -> tuple[list[str], list[list[Any]]]:
-    """
-    Inline data as columns and rows: CSV with a header, a JSON array of
-    objects, or JSON lines.  C{fmt} is C{csv}, C{json}, C{jsonl} or None
-    (guessed from the first character).
-
-    @raise ToolFailure: for data that is none of those.
-    """
-    text = data.strip()
-    if not text:
-        raise ToolFailure("data is empty; pass CSV with a header, a JSON array, or JSON lines")
-    fmt = (fmt or ("json" if text[0] in "[{" else "csv")).lower()
-    if fmt == "csv":
-        reader = csv.reader(io.StringIO(text))
-        header = next(reader)
-        rows = [row for row in reader if row]
-        if not header or any(not h.strip() for h in header):
-            raise ToolFailure("the CSV header has an empty column name")
-        if any(len(row) != len(header) for row in rows):
-            raise ToolFailure("every CSV row must have as many fields as the header")
-        return [h.strip() for h in header], rows
-    if fmt in ("json", "jsonl", "ndjson"):
-        try:
-            if text[0] == "[":
-                records = json.loads(text)
-            else:
-                records = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except ValueError as e:
-            raise ToolFailure(f"the data is not valid JSON: {e}") from None
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise ToolFailure("JSON data must be an array of objects, or one object per line")
-        if not records:
-            raise ToolFailure("the JSON array is empty")
-        columns: list[str] = []
-        for record in records:
-            for key in record:
-                if key not in columns:
-                    columns.append(key)
-        return columns, [[r.get(c) for c in columns] for r in records]
-    raise ToolFailure(f"unknown format {fmt!r}: use csv, json or jsonl")
-
-
 def file_format(path: Path, fmt: str | None = None) -> str:
     fmt = (fmt or path.suffix.lstrip(".")).lower()
     fmt = {"ndjson": "jsonl", "pq": "parquet"}.get(fmt, fmt)
@@ -261,6 +160,8 @@ class Tools:
         self.read_only = read_only
         self.mode = mode
         self._status_facts = status_facts or (lambda: {})
+        #: Set when the server shuts down: loads under way stop.
+        self._stopping = threading.Event()
         #: Databases attached with attach_database: alias -> path.
         self._attachments: dict[str, str] = {}
 
@@ -347,10 +248,11 @@ class Tools:
                   mode: str | None = None, schema: dict[str, str] | None = None,
                   database: str | None = None,
                   persist: bool | None = None) -> defer.Deferred[dict[str, Any]]:
+        """Load inline CSV or JSON into C{table} (see L{hyperdaemon.loading})."""
         self._refuse_writes("load_data")
         db = self._database(database, persist)
-        columns, types, fill = _inline_loader(data, format, schema)
-        return self._load(table, db, columns, types, fill, mode, source="inline data")
+        return self._load(table, db, self._inline_loader(data, format, schema), mode,
+                          source="inline data")
 
     def load_file(self, table: str, path: str, mode: str | None = None,
                   schema: dict[str, str] | None = None, json_extract_path: str | None = None,
@@ -365,8 +267,32 @@ class Tools:
         fmt = file_format(source, format)
         if fmt == "parquet":
             return self._load_parquet(table, db, source, mode)
-        columns, types, fill = _file_loader(source, fmt, schema, json_extract_path)
-        return self._load(table, db, columns, types, fill, mode, source=str(source))
+        loader = self._file_loader(source, fmt, schema, json_extract_path)
+        return self._load(table, db, loader, mode, source=str(source))
+
+    def stop(self) -> None:
+        """
+        The server is shutting down: a load under way ends at its next step,
+        without finishing.  (Closing the session cancels the statement that
+        hyperd runs meanwhile.)
+        """
+        self._stopping.set()
+
+    def _inline_loader(self, data: str, fmt: str | None,
+                       schema: dict[str, str] | None) -> Any:
+        """A L{hyperdaemon.loading.Loader} of inline data; raises L{ToolFailure} for bad data."""
+        from .loading import Loader, inline_source
+
+        return Loader(inline_source(data, fmt), schema, self.session.ephemeral_db.parent,
+                      self._stopping)
+
+    def _file_loader(self, source: Path, fmt: str, schema: dict[str, str] | None,
+                     extract: str | None) -> Any:
+        """A L{hyperdaemon.loading.Loader} of a CSV or JSON file."""
+        from .loading import Loader, file_source
+
+        return Loader(file_source(source, fmt, extract), schema,
+                      self.session.ephemeral_db.parent, self._stopping)
 
     def _load_parquet(self, table: str, db: str, source: Path,
                       mode: str | None) -> defer.Deferred[dict[str, Any]]:
@@ -387,8 +313,7 @@ class Tools:
 
         return self._call(work)
 
-    def _load(self, table: str, db: str, columns: list[str], types: list[str],
-              fill: Callable[[Any, str], None], mode: str | None,
+    def _load(self, table: str, db: str, loader: Any, mode: str | None,
               source: str) -> defer.Deferred[dict[str, Any]]:
         """
         Load into a staging table, then swap it in: a failed load leaves no
@@ -396,19 +321,25 @@ class Tools:
         """
         mode = _mode(mode)
         final = table_reference(table, db)
-        definition = ", ".join(f"{quote_identifier(c)} {t}" for c, t in zip(columns, types))
 
         def work(conn: Any) -> dict[str, Any]:
             staging = table_reference(f"{table}__loading_{secrets.token_hex(4)}", db)
-            conn.execute(f"CREATE TABLE {staging} ({definition})")
+
+            def create(definition: str) -> str:
+                conn.execute(f"CREATE TABLE {staging} ({definition})")
+                return staging
+
             try:
-                fill(conn, staging)
+                loaded = loader.load(conn, create)
                 rows = _swap_in(conn, staging, final, table, mode)
             except BaseException:
-                conn.execute(f"DROP TABLE IF EXISTS {staging}")
+                _drop_quietly(conn, staging)
                 raise
-            return {"table": table, "database": db, "rows_loaded": rows, "mode": mode,
-                    "columns": dict(zip(columns, types)), "source": source}
+            result = {"table": table, "database": db, "rows_loaded": rows, "mode": mode,
+                      "columns": dict(zip(loaded.columns, loaded.types)), "source": source}
+            if loaded.notes:
+                result["notes"] = loaded.notes
+            return result
 
         return self._call(work)
 
@@ -417,8 +348,8 @@ class Tools:
     def query_data(self, data: str, sql: str, format: str | None = None,
                    table_name: str | None = None,
                    schema: dict[str, str] | None = None) -> defer.Deferred[dict[str, Any]]:
-        columns, types, fill = _inline_loader(data, format, schema)
-        return self._one_shot(table_name or "data", columns, types, fill, sql)
+        return self._one_shot(table_name or "data", self._inline_loader(data, format, schema),
+                              sql)
 
     def query_file(self, path: str, sql: str, table_name: str | None = None,
                    schema: dict[str, str] | None = None,
@@ -429,24 +360,33 @@ class Tools:
         if fmt == "parquet":
             return self._one_shot_select(
                 name, f"SELECT * FROM external({quote_literal(str(source))})", sql)
-        columns, types, fill = _file_loader(source, fmt, schema, json_extract_path)
-        return self._one_shot(name, columns, types, fill, sql)
+        return self._one_shot(name, self._file_loader(source, fmt, schema, json_extract_path),
+                              sql)
 
-    def _one_shot(self, name: str, columns: list[str], types: list[str],
-                  fill: Callable[[Any, str], None], sql: str) -> defer.Deferred[dict[str, Any]]:
+    def _one_shot(self, name: str, loader: Any, sql: str) -> defer.Deferred[dict[str, Any]]:
+        """C{sql} over a loader's rows, as temporary table C{name} for this call only."""
         problem = read_only_problem(sql)
         if problem:
             return defer.fail(ToolFailure(problem))
-        definition = ", ".join(f"{quote_identifier(c)} {t}" for c, t in zip(columns, types))
 
         def work(conn: Any) -> dict[str, Any]:
             target = quote_identifier(name)
-            conn.execute(f"CREATE TEMPORARY TABLE {target} ({definition})")
+            made = []
+
+            def create(definition: str) -> str:
+                conn.execute(f"CREATE TEMPORARY TABLE {target} ({definition})")
+                made.append(target)
+                return target
+
             try:
-                fill(conn, target)
-                return _fetch(conn, sql)
+                loaded = loader.load(conn, create)
+                result = _fetch(conn, sql)
             finally:
-                conn.execute(f"DROP TABLE IF EXISTS {target}")
+                if made:
+                    _drop_quietly(conn, target)
+            if loaded.notes:
+                result["notes"] = loaded.notes
+            return result
 
         return self._call(work)
 
@@ -627,6 +567,14 @@ def _swap_in(conn: Any, staging: str, final: str, table: str, mode: str) -> int:
     return rows
 
 
+def _drop_quietly(conn: Any, table: str) -> None:
+    """Drop C{table} if it is there, on the way out of a failure (which it must not hide)."""
+    import psycopg
+
+    with contextlib.suppress(psycopg.Error):
+        conn.execute(f"DROP TABLE IF EXISTS {table}")
+
+
 def _exists(conn: Any, reference: str) -> bool:
     import psycopg
 
@@ -675,118 +623,3 @@ def _readable(path: str) -> Path:
     if not os.access(source, os.R_OK):
         raise ToolFailure(f"{source} cannot be read; check its permissions")
     return source
-
-
-def _column_types(columns: list[str], rows: list[list[Any]],
-                  schema: dict[str, str] | None) -> list[str]:
-    schema = schema or {}
-    sample = rows[:INFER_ROWS]
-    return [schema.get(c) or infer_type(r[i] for r in sample) for i, c in enumerate(columns)]
-
-
-def _csv_header_types(source: Path, schema: dict[str, str] | None) -> tuple[list[str], list[str]]:
-    with open(source, newline="", encoding="utf-8", errors="replace") as f:
-        reader = csv.reader(f)
-        try:
-            header = [h.strip() for h in next(reader)]
-        except StopIteration:
-            raise ToolFailure(f"{source} is empty") from None
-        sample = [row for _, row in zip(range(INFER_ROWS), reader) if row]
-    if not header or any(not h for h in header):
-        raise ToolFailure(f"{source} has an empty column name in its header")
-    return header, _column_types(header, sample, schema)
-
-
-def _json_records(source: Path, extract: str | None) -> Iterator[dict[str, Any]]:
-    """Records of a JSON array (read whole) or JSON lines (streamed)."""
-    with open(source, encoding="utf-8") as f:
-        first = f.read(1)
-        while first and first.isspace():
-            first = f.read(1)
-        f.seek(0)
-        try:
-            if first == "[" or (first == "{" and extract):
-                data = json.load(f)
-                for key in (extract.split(".") if extract else []):
-                    data = data[key]
-                if not isinstance(data, list):
-                    raise ToolFailure("the JSON is not an array of objects")
-                yield from data
-            else:
-                for line in f:
-                    if line.strip():
-                        yield json.loads(line)
-        except (ValueError, KeyError, TypeError) as e:
-            raise ToolFailure(f"{source} is not the JSON expected: {e}") from None
-
-
-def _json_header_types(source: Path, schema: dict[str, str] | None,
-                       extract: str | None) -> tuple[list[str], list[str]]:
-    sample = [r for _, r in zip(range(INFER_ROWS), _json_records(source, extract))]
-    if not sample or not all(isinstance(r, dict) for r in sample):
-        raise ToolFailure(f"{source} holds no JSON objects")
-    columns: list[str] = []
-    for record in sample:
-        for key in record:
-            if key not in columns:
-                columns.append(key)
-    rows = [[r.get(c) for c in columns] for r in sample]
-    return columns, _column_types(columns, rows, schema)
-
-
-#: Fills a freshly created table (its quoted name given) with a source's rows.
-Filler = Callable[[Any, str], None]
-
-
-def _inserter(columns: list[str], types: list[str],
-              rows: Callable[[], Iterable[list[Any]]]) -> Filler:
-    placeholders = ", ".join(["%s"] * len(columns))
-
-    def fill(conn: Any, target: str) -> None:
-        with conn.cursor() as cursor:
-            for batch in _batches(rows(), BATCH):
-                cursor.executemany(
-                    f"INSERT INTO {target} VALUES ({placeholders})",
-                    [[_convert(v, t) for v, t in zip(row, types)] for row in batch],
-                )
-
-    return fill
-
-
-def _inline_loader(data: str, fmt: str | None,
-                   schema: dict[str, str] | None) -> tuple[list[str], list[str], Filler]:
-    """Columns, types and a filler for inline CSV/JSON data."""
-    columns, rows = parse_records(data, fmt)
-    types = _column_types(columns, rows, schema)
-    return columns, types, _inserter(columns, types, lambda: rows)
-
-
-def _file_loader(source: Path, fmt: str, schema: dict[str, str] | None,
-                 extract: str | None) -> tuple[list[str], list[str], Filler]:
-    """
-    Columns, types and a filler for a CSV (loaded by hyperd itself with
-    COPY, streamed) or JSON/JSON-lines file (read in batches).
-    """
-    if fmt == "csv":
-        columns, types = _csv_header_types(source, schema)
-
-        def copy(conn: Any, target: str) -> None:
-            conn.execute(f"COPY {target} FROM {quote_literal(str(source))} "
-                         f"WITH (FORMAT csv, HEADER)")
-
-        return columns, types, copy
-    columns, types = _json_header_types(source, schema, extract)
-    records = lambda: ([r.get(c) for c in columns]  # noqa: E731
-                       for r in _json_records(source, extract))
-    return columns, types, _inserter(columns, types, records)
-
-
-def _batches(items: Iterable[Any], size: int) -> Iterator[list[Any]]:
-    batch: list[Any] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
