@@ -6,6 +6,7 @@ attached (real daemon, real hyperd; see hyperdaemon/sharedfiles.py).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -16,7 +17,8 @@ from twisted.internet import reactor
 
 from hyperdaemon.session import Session
 from hyperdaemon.sharedfiles import LockFile, NotDurable, SharedFile, take_hold, wait_until_written
-from support import QUICK, pid_alive, until
+from support import QUICK, pid_alive, status, until, wait_for
+from test_mcpserver import McpTestCase
 from test_session import ClientTestCase
 
 ROWS = 1000
@@ -93,7 +95,7 @@ class DurableWriteTests(ClientTestCase):
             await writer.execute(f"INSERT INTO persistent.public.n VALUES ({i})")
             self.assertEqual(await self.count(reader, "persistent.public.n"), i)
 
-    async def test_reads_only_keep_the_file_attached_between_calls(self) -> None:
+    async def test_the_file_stays_attached_between_calls_and_again_after_a_write(self) -> None:
         session = await self.open()
         shared = session._files["persistent"]
         await session.query("SELECT 1")
@@ -103,10 +105,10 @@ class DurableWriteTests(ClientTestCase):
         try:
             self.assertFalse(probe.lock(exclusive=True, wait=False))
             await session.execute("CREATE TABLE persistent.public.w (x int)")
-            # After a write the session has let go (it attaches again at
-            # its next call).
-            self.assertFalse(shared.attached)
-            self.assertTrue(probe.lock(exclusive=True, wait=False))
+            # Written out (it let go), then attached again in the background
+            # so that the next call does not pay a cold attach.
+            await until(lambda: shared.attached, QUICK, "the file to be attached again")
+            self.assertFalse(probe.lock(exclusive=True, wait=False))
         finally:
             probe.close()
 
@@ -188,3 +190,36 @@ def test_a_session_that_would_attach_while_a_writer_waits_lets_go_first(shared) 
     assert released == [True]
     late.hold.unlock()
 
+
+
+class McpDurabilityTests(McpTestCase):
+    def test_tables_loaded_and_changed_through_tools_survive_sigkill_of_hyperd(self) -> None:
+        extra = self.tmp / "extra.hyper"
+
+        async def go() -> None:
+            async with self.server() as one, self.server() as two:
+                c1 = lambda tool, **kw: self.call(one, tool, **kw)  # noqa: E731
+                c2 = lambda tool, **kw: self.call(two, tool, **kw)  # noqa: E731
+                await c1("load_file", table="cities", path=str(self.csv), persist=True)
+                await c1("attach_database", alias="extra", kind="file", path=str(extra),
+                         on_missing="create")
+                await c2("attach_database", alias="extra", kind="file", path=str(extra))
+                # The other server reads both: it holds them attached.
+                await c2("query", sql="SELECT count(*) FROM persistent.public.cities")
+                await c1("execute", sql=["CREATE TABLE extra.public.e (x int)",
+                                         "INSERT INTO extra.public.e VALUES (1), (2)"])
+                await c2("query", sql="SELECT count(*) FROM extra.public.e")
+                await c1("execute", sql=["DELETE FROM persistent.public.cities "
+                                         "WHERE city = 'Nice'"])
+                before = status(self.ports[0])
+                os.kill(before["hyperd_pid"], signal.SIGKILL)
+                await asyncio.to_thread(
+                    wait_for, lambda: status(self.ports[0])["hyperd_pid"]
+                    not in (None, before["hyperd_pid"]), QUICK, "a new hyperd")
+                rows = await c2("query", sql="SELECT city FROM persistent.public.cities "
+                                             "ORDER BY city")
+                self.assertEqual(rows["rows"], [["Brest"], ["Lyon"]])
+                counted = await c2("query", sql="SELECT count(*) FROM extra.public.e")
+                self.assertEqual(counted["rows"], [[2]])
+
+        self.drive(go())
