@@ -34,8 +34,9 @@ from .healthclient import (
 
 PROG = "hyperdb-mcp"
 NO_DAEMON = "No daemon is currently running."
-#: Seconds `daemon stop` waits for the daemon to be gone.
-STOP_TIMEOUT = 30.0
+#: Seconds `daemon stop` waits for the daemon to be gone: longer than the
+#: grace a stopping hyperd gets to write its data out (30 s) before SIGKILL.
+STOP_TIMEOUT = 60.0
 
 
 class _Parser(argparse.ArgumentParser):
