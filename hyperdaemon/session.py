@@ -509,13 +509,13 @@ class PrivateHyperd:
         return self._credentials.get()
 
     def report_error(self) -> None:
-        """Probe our hyperd; a replacement brings new credentials."""
+        """
+        Check our hyperd: the credentials come back once it is known to be
+        usable (busy counts), or once its replacement is ready.
+        """
         self._credentials.clear()
-        self._supervisor.check_now().addCallback(self._still_current)
-
-    def _still_current(self, _: object) -> None:
-        if self._credentials.value is None and self._supervisor.instance is not None:
-            self._ready(self._supervisor.instance)
+        self._supervisor.check_now()
+        self._supervisor.when_usable().addCallbacks(self._ready, lambda _: None)
 
     def activity(self) -> None:
         pass
