@@ -19,6 +19,7 @@ import threading
 from pathlib import Path
 from typing import Any, Callable
 
+import attrs
 from twisted.internet import defer
 
 from . import __version__
@@ -29,71 +30,232 @@ ROW_CAP = 200
 #: Characters of one cell shown at most.
 CELL_CAP = 2000
 
-READ_ONLY_STARTS = {"SELECT", "WITH", "VALUES", "TABLE", "EXPLAIN", "SHOW"}
-WRITE_WORDS = {
-    "INSERT", "UPDATE", "DELETE", "MERGE", "CREATE", "DROP", "ALTER", "TRUNCATE",
-    "COPY", "ATTACH", "DETACH", "GRANT", "REVOKE", "SET", "RESET", "BEGIN", "COMMIT",
-    "ROLLBACK", "VACUUM", "CHECKPOINT", "RENAME", "CALL", "DO", "UNLOAD",
-}
+#: What query runs, as a model is told when it asks for something else.
+READ_ONLY_KINDS = "SELECT, WITH ... SELECT, VALUES, TABLE, EXPLAIN or SHOW"
 IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+#: SQLSTATE of a syntax error.
+SYNTAX_ERROR = b"42601"
 
 
 class ToolFailure(Exception):
     """A tool could not do what was asked; C{str()} says why and what to try."""
 
 
-# -- pure helpers ----------------------------------------------------------------
+# -- the read-only check ---------------------------------------------------------
+#
+# SQL given to query (and the SQL of query_data, query_file and export) is
+# classified by sqlglot's PostgreSQL parser: one statement, a query at its
+# root, and nothing that writes anywhere inside it (a data-modifying WITH
+# included).  Behind that check the SQL runs in a transaction that is always
+# rolled back (L{_read_only_fetch}), which undoes any change to data that got
+# past it; and Hyper itself refuses several statements in one call.
 
-def _code_only(sql: str) -> str:
-    """C{sql} with comments, string literals and quoted identifiers blanked."""
-    out, i, n = [], 0, len(sql)
-    while i < n:
-        two = sql[i:i + 2]
-        if two == "--":
-            end = sql.find("\n", i)
-            i = n if end < 0 else end
-        elif two == "/*":
-            end = sql.find("*/", i + 2)
-            i = n if end < 0 else end + 2
-            out.append(" ")
-        elif sql[i] in "'\"":
-            quote, i = sql[i], i + 1
-            while i < n:
-                if sql[i] == quote:
-                    if sql[i + 1:i + 2] == quote:
-                        i += 2
-                        continue
-                    break
-                i += 1
-            i += 1
-            out.append(" x ")
-        else:
-            out.append(sql[i])
-            i += 1
-    return "".join(out)
+@attrs.frozen
+class ReadOnlyCheck:
+    """What the parser made of SQL given to a read-only tool."""
+
+    #: Why the SQL is refused, for a model; None for one read-only statement.
+    problem: str | None = None
+    #: False when the parser could not read the SQL: Hyper is then asked
+    #: whether it is a syntax error (L{_require_read_only}).
+    parsed: bool = True
+
+
+_dialect: Any = None
+
+
+def _postgres() -> Any:
+    """
+    sqlglot's PostgreSQL dialect, imported on first use: the import takes
+    about 0.1 s, which the MCP server's start should not pay.
+    """
+    global _dialect
+    if _dialect is None:
+        import logging
+
+        from sqlglot.dialects.dialect import Dialect
+
+        # sqlglot logs a warning whenever it keeps a statement as an opaque
+        # Command (EXPLAIN, SHOW, ...); those are classified here instead.
+        logging.getLogger("sqlglot").setLevel(logging.ERROR)
+        _dialect = Dialect.get_or_raise("postgres")
+    return _dialect
+
+
+def _tokens(sql: str) -> list[Any]:
+    """sqlglot's tokens of C{sql}; raises sqlglot's TokenError."""
+    return _postgres().tokenize(sql)
+
+
+def _parse(sql: str) -> list[Any]:
+    """The statements of C{sql}; raises sqlglot's errors."""
+    return [s for s in _postgres().parser().parse(_tokens(sql), sql) if s is not None]
 
 
 def statement_count(sql: str) -> int:
-    """How many statements C{sql} holds (semicolons outside literals)."""
-    return len([part for part in _code_only(sql).split(";") if part.strip()])
+    """
+    How many statements C{sql} holds, split where the SQL lexer sees a
+    semicolon (never one in a literal, a quoted name or a comment).  Text
+    the lexer cannot read counts as one statement, for Hyper to judge.
+    """
+    from sqlglot.errors import SqlglotError
+    from sqlglot.tokens import TokenType
+
+    try:
+        tokens = _tokens(sql)
+    except SqlglotError:
+        return 1
+    count, pending = 0, False
+    for token in tokens:
+        if token.token_type == TokenType.SEMICOLON:
+            count, pending = count + pending, False
+        else:
+            pending = True
+    return count + pending
+
+
+def check_read_only(sql: str) -> ReadOnlyCheck:
+    """
+    Whether C{sql} is exactly one statement that only reads: a SELECT, a set
+    operation (UNION, ...), VALUES, TABLE, SHOW, or EXPLAIN of one of those,
+    with nothing that writes anywhere inside it.  Never raises.
+    """
+    from sqlglot import exp
+    from sqlglot.errors import SqlglotError
+
+    try:
+        tokens = _tokens(sql)
+        statements = [s for s in _postgres().parser().parse(tokens, sql) if s is not None]
+        for statement in statements:
+            if isinstance(statement, exp.Command):
+                # The lexer keeps a command's text whole, comments included.
+                tokens = tokens + _tokens(_command_text(statement))
+        if _nests_comments(tokens):
+            return ReadOnlyCheck(
+                "a /* comment holds another /* comment, and Hyper does not nest comments (it "
+                "ends one at the first */), so it would read other SQL than checked; remove "
+                "the inner comment")
+        if not statements:
+            return ReadOnlyCheck(f"sql holds no statement; give one {READ_ONLY_KINDS} statement")
+        if len(statements) > 1:
+            return ReadOnlyCheck(f"query takes exactly one statement and this SQL holds "
+                                 f"{len(statements)}; run them one at a time")
+        why = _why_not_read_only(statements[0])
+    except SqlglotError as e:
+        return _unparsed(e)
+    except RecursionError:
+        return ReadOnlyCheck("the statement nests too deeply to be checked; simplify it (a "
+                             "WITH clause helps)")
+    if why is None:
+        return ReadOnlyCheck()
+    return ReadOnlyCheck(f"query runs only read-only statements ({READ_ONLY_KINDS}), and this "
+                         f"one {why}; use execute for changes")
 
 
 def read_only_problem(sql: str) -> str | None:
-    """
-    Why C{sql} is not a single read-only statement, or C{None} if it is.
-    Conservative: a write keyword anywhere outside literals refuses it.
-    """
-    code = _code_only(sql)
-    if statement_count(sql) != 1:
-        return "query takes exactly one statement"
-    words = re.findall(r"[A-Za-z_]+", code)
-    if not words or words[0].upper() not in READ_ONLY_STARTS:
-        return "query only runs read-only statements (SELECT, WITH, VALUES, EXPLAIN, SHOW)"
-    writes = sorted({w.upper() for w in words} & WRITE_WORDS)
-    if writes:
-        return f"query only runs read-only statements; this one contains {', '.join(writes)}"
+    """Why C{sql} is not one read-only statement, or None (see L{check_read_only})."""
+    return check_read_only(sql).problem
+
+
+def _unparsed(error: Exception) -> ReadOnlyCheck:
+    where = ""
+    details = getattr(error, "errors", None)
+    if details and details[0].get("line"):
+        where = f" (line {details[0]['line']}, column {details[0]['col']})"
+    return ReadOnlyCheck(
+        f"query runs only statements it can check are read-only, and its SQL parser cannot "
+        f"read this one{where}; write it as a plain PostgreSQL {READ_ONLY_KINDS} statement, "
+        f"or use execute for changes", parsed=False)
+
+
+def _nests_comments(tokens: list[Any]) -> bool:
+    # sqlglot nests /* */ comments, as PostgreSQL does: a comment it read
+    # with a */ inside is one that Hyper would have ended early.
+    return any("*/" in comment for token in tokens for comment in token.comments)
+
+
+def _command_text(command: Any) -> str:
+    """What follows the keyword of a statement sqlglot keeps as a Command."""
+    return command.expression.name if command.expression is not None else ""
+
+
+#: sqlglot's statement types that write, or may, and what to call them.
+_WRITES = {
+    "Insert": "INSERT", "Update": "UPDATE", "Delete": "DELETE", "Merge": "MERGE",
+    "Copy": "COPY", "Create": "CREATE", "Drop": "DROP", "Alter": "ALTER",
+    "TruncateTable": "TRUNCATE", "Set": "SET", "Transaction": "BEGIN", "Commit": "COMMIT",
+    "Rollback": "ROLLBACK", "Into": "SELECT ... INTO", "Lock": "FOR UPDATE", "Grant": "GRANT",
+    "Revoke": "REVOKE", "Analyze": "ANALYZE", "LoadData": "LOAD DATA", "Use": "USE",
+    "Pragma": "PRAGMA", "Declare": "DECLARE", "Execute": "EXECUTE", "Export": "EXPORT",
+    "Cache": "CACHE", "Uncache": "UNCACHE", "Refresh": "REFRESH", "Kill": "KILL",
+    "Command": "COMMAND",
+}
+
+
+def _write_types() -> tuple[type, ...]:
+    from sqlglot import exp
+
+    named = (getattr(exp, name, None) for name in _WRITES)
+    return (exp.DML, *(t for t in named if t is not None))
+
+
+def _write_name(node: Any) -> str:
+    from sqlglot import exp
+
+    if isinstance(node, exp.Command):
+        return node.name.upper()
+    return _WRITES.get(type(node).__name__, type(node).__name__.upper())
+
+
+def _why_not_read_only(statement: Any) -> str | None:
+    """Why one parsed statement is not read-only (to follow "this one"), or None."""
+    from sqlglot import exp
+
+    if isinstance(statement, exp.Command):
+        keyword = statement.name.upper()
+        if keyword == "SHOW":
+            return None
+        if keyword == "EXPLAIN":
+            return _why_explained_not_read_only(_command_text(statement))
+        return f"is a {keyword} statement"
+    if isinstance(statement, exp.Subquery):
+        return _why_not_read_only(statement.unnest())
+    writes = _write_types()
+    if not isinstance(statement, (exp.Query, exp.Values)):
+        if isinstance(statement, writes):
+            return f"writes ({_write_name(statement)})"
+        return "is not a query"
+    for node in statement.walk():
+        if isinstance(node, writes):
+            return f"writes ({_write_name(node)})"
     return None
 
+
+def _why_explained_not_read_only(text: str) -> str | None:
+    """EXPLAIN [(options)] statement: what it explains must be read-only itself."""
+    from sqlglot import exp
+    from sqlglot.tokens import TokenType
+
+    start, depth = 0, 0
+    for token in _tokens(text):
+        if token.token_type == TokenType.L_PAREN:
+            depth += 1
+        elif token.token_type == TokenType.R_PAREN:
+            depth -= 1
+        if depth == 0:
+            # The first token ends the options when it closes their list.
+            start = token.end + 1 if token.token_type == TokenType.R_PAREN else 0
+            break
+    statements = _parse(text[start:])
+    if len(statements) != 1:
+        return "is an EXPLAIN of no single statement"
+    if isinstance(statements[0], exp.Command):
+        return f"is an EXPLAIN of a {statements[0].name.upper()} statement"
+    why = _why_not_read_only(statements[0])
+    return None if why is None else f"is an EXPLAIN of a statement that {why}"
+
+
+# -- pure helpers ----------------------------------------------------------------
 
 def quote_identifier(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
@@ -187,14 +349,12 @@ class Tools:
     # query / execute
 
     def query(self, sql: str, database: str | None = None) -> defer.Deferred[dict[str, Any]]:
-        problem = read_only_problem(sql)
-        if problem:
-            return defer.fail(ToolFailure(problem + "; use execute for changes"))
         db = self._database(database)
 
         def work(conn: Any) -> dict[str, Any]:
             with _search_path(conn, db):
-                return _fetch(conn, sql)
+                _require_read_only(conn, sql)
+                return _read_only_fetch(conn, sql)
 
         return self._call(work, retry=True)
 
@@ -365,11 +525,9 @@ class Tools:
 
     def _one_shot(self, name: str, loader: Any, sql: str) -> defer.Deferred[dict[str, Any]]:
         """C{sql} over a loader's rows, as temporary table C{name} for this call only."""
-        problem = read_only_problem(sql)
-        if problem:
-            return defer.fail(ToolFailure(problem))
 
         def work(conn: Any) -> dict[str, Any]:
+            _require_read_only(conn, sql)
             target = quote_identifier(name)
             made = []
 
@@ -380,7 +538,7 @@ class Tools:
 
             try:
                 loaded = loader.load(conn, create)
-                result = _fetch(conn, sql)
+                result = _read_only_fetch(conn, sql)
             finally:
                 if made:
                     _drop_quietly(conn, target)
@@ -391,15 +549,12 @@ class Tools:
         return self._call(work)
 
     def _one_shot_select(self, name: str, select: str, sql: str) -> defer.Deferred[dict[str, Any]]:
-        problem = read_only_problem(sql)
-        if problem:
-            return defer.fail(ToolFailure(problem))
-
         def work(conn: Any) -> dict[str, Any]:
+            _require_read_only(conn, sql)
             target = quote_identifier(name)
             conn.execute(f"CREATE TEMPORARY TABLE {target} AS {select}")
             try:
-                return _fetch(conn, sql)
+                return _read_only_fetch(conn, sql)
             finally:
                 conn.execute(f"DROP TABLE IF EXISTS {target}")
 
@@ -417,14 +572,17 @@ class Tools:
             raise ToolFailure("kind must be 'file' (a .hyper file at path)")
         if not path:
             raise ToolFailure("attach_database needs path, the .hyper file")
-        if writable:
-            self._refuse_writes("a writable attach_database")
+        if writable and self.read_only:
+            raise ToolFailure("attach_database with writable=true is refused: the server runs "
+                              "with --read-only; leave writable unset to attach the file for "
+                              "reading")
         target = Path(os.path.abspath(os.path.expanduser(path)))
         create = (on_missing or "error") == "create"
         if not target.exists() and not create:
             raise ToolFailure(f"{target} does not exist; pass on_missing='create' to make it")
         if create and self.read_only:
-            self._refuse_writes("attach_database with on_missing='create'")
+            raise ToolFailure("attach_database with on_missing='create' would create a file, "
+                              "and the server runs with --read-only; attach an existing file")
 
         def work(conn: Any) -> dict[str, Any]:
             if create:
@@ -614,6 +772,49 @@ def _fetch(conn: Any, sql: str) -> dict[str, Any]:
     if total > ROW_CAP:
         total += len(cursor.fetchall())
     return shape_result(columns, rows, total)
+
+
+def _require_read_only(conn: Any, sql: str) -> None:
+    """
+    Refuse C{sql} (L{ToolFailure}) unless it is one read-only statement.
+    SQL the parser cannot read is handed to Hyper to parse, never to run, so
+    that a syntax error is reported as Hyper's own.
+    """
+    check = check_read_only(sql)
+    if check.problem is None:
+        return
+    if not check.parsed:
+        error = _hyper_parse_error(conn, sql)
+        if error:
+            raise ToolFailure(f"{error} (hint: check the SQL; Hyper speaks PostgreSQL's dialect)")
+    raise ToolFailure(check.problem)
+
+
+def _hyper_parse_error(conn: Any, sql: str) -> str | None:
+    """
+    Hyper's syntax error for C{sql}, found by preparing it (which runs
+    nothing), or None if Hyper finds none.
+    """
+    from psycopg import pq
+
+    result = conn.pgconn.prepare(b"", sql.encode("utf-8"))
+    if result.status != pq.ExecStatus.FATAL_ERROR:
+        return None
+    if result.error_field(pq.DiagnosticField.SQLSTATE) != SYNTAX_ERROR:
+        return None  # a table not there yet, say: what the parser said is the answer
+    message = result.error_field(pq.DiagnosticField.MESSAGE_PRIMARY) or b"syntax error"
+    return message.decode("utf-8", "replace")
+
+
+def _read_only_fetch(conn: Any, sql: str) -> dict[str, Any]:
+    """
+    L{_fetch} in a transaction that is always rolled back: a change to data
+    that got past the read-only check is undone.  (Hyper accepts BEGIN READ
+    ONLY but does not enforce it; it does undo DML on ROLLBACK, though not
+    DDL, which the check refuses.)
+    """
+    with conn.transaction(force_rollback=True):
+        return _fetch(conn, sql)
 
 
 def _readable(path: str) -> Path:

@@ -174,7 +174,7 @@ class ToolTests(McpTestCase):
             async with self.server() as s:
                 c = lambda tool, **kw: self.call(s, tool, **kw)  # noqa: E731
                 bad = [
-                    ("query", {"sql": "SELEKT 1"}, "read-only"),
+                    ("query", {"sql": "SELEKT 1"}, "syntax error"),
                     ("query", {"sql": "SELECT FROM WHERE"}, "hint"),
                     ("query", {"sql": "SELECT * FROM missing_table"}, "describe"),
                     ("query", {"sql": "DROP TABLE x"}, "execute"),
