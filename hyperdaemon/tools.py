@@ -15,6 +15,8 @@ import contextlib
 import os
 import re
 import secrets
+import shutil
+import tempfile
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -620,40 +622,61 @@ class Tools:
     def export(self, path: str, format: str, sql: str | None = None, table: str | None = None,
                overwrite: bool | None = None, format_options: Any = None,
                database: str | None = None) -> defer.Deferred[dict[str, Any]]:
+        """
+        Write a query's or a table's rows to a new file at C{path}.  The file
+        is written beside C{path} and takes its place only once complete, so
+        a failed export leaves what was there intact.  Never writes onto an
+        attached database's file; replaces an existing file only with
+        C{overwrite}, and never under --read-only.
+        """
         if (sql is None) == (table is None):
             raise ToolFailure("export takes either sql or table")
         db = self._database(database)
         select = sql if sql is not None else f"SELECT * FROM {table_reference(table, db)}"
-        problem = read_only_problem(select)
-        if problem:
-            raise ToolFailure(problem)
-        target = Path(os.path.abspath(os.path.expanduser(path)))
         fmt = format.lower()
         if fmt not in ("csv", "parquet", "hyper"):
             raise ToolFailure("format must be csv, parquet or hyper")
-        if target.exists() and not overwrite:
-            raise ToolFailure(f"{target} exists; pass overwrite=true to replace it")
-        if not target.parent.is_dir():
-            raise ToolFailure(f"the folder {target.parent} does not exist")
+        target = self._export_target(path, bool(overwrite))
+        name = table.split(".")[-1] if table else "result"
 
         def work(conn: Any) -> dict[str, Any]:
-            if target.exists():
-                target.unlink()
-            if fmt == "hyper":
-                alias = f"export_{secrets.token_hex(4)}"
-                conn.execute(f"CREATE DATABASE {quote_identifier(str(target))}")
-                conn.execute(f"ATTACH DATABASE {quote_identifier(str(target))} AS {alias}")
-                try:
-                    name = quote_identifier(table.split(".")[-1] if table else "result")
-                    conn.execute(f"CREATE TABLE {alias}.public.{name} AS {select}")
-                finally:
-                    conn.execute(f"DETACH DATABASE {alias}")
-            else:
-                options = "FORMAT csv, HEADER" if fmt == "csv" else "FORMAT parquet"
-                conn.execute(f"COPY ({select}) TO {quote_literal(str(target))} WITH ({options})")
+            with _search_path(conn, db):
+                _require_read_only(conn, select)
+                _export(conn, _one_statement(select), fmt, target, name, bool(overwrite))
             return {"path": str(target), "format": fmt, "bytes": target.stat().st_size}
 
         return self._call(work)
+
+    def _export_target(self, path: str, overwrite: bool) -> Path:
+        """The absolute path to export to, if export may write there."""
+        target = Path(os.path.abspath(os.path.expanduser(path)))
+        if not target.parent.is_dir():
+            raise ToolFailure(f"path: the folder {target.parent} does not exist; create it or "
+                              f"choose another path")
+        for alias, database in self._database_files():
+            if _same_file(target, database):
+                raise ToolFailure(f"path {target} is the file of the attached database "
+                                  f"{alias!r}, and export never writes onto a database in "
+                                  f"use; choose another path")
+        if not os.path.lexists(target):
+            return target
+        if target.is_dir():
+            raise ToolFailure(f"path {target} is a folder; give a file name in it")
+        if self.read_only:
+            raise ToolFailure(f"path {target} exists, and with --read-only export never "
+                              f"replaces a file; choose a new path")
+        if not overwrite:
+            raise ToolFailure(f"path {target} exists, and export replaces a file only when "
+                              f"asked: pass overwrite=true to replace it, or choose a new path")
+        return target
+
+    def _database_files(self) -> list[tuple[str, Path]]:
+        """Every attached database's alias and file."""
+        files = [(EPHEMERAL_ALIAS, Path(self.session.ephemeral_db))]
+        if self.session.persistent_db is not None:
+            files.append((PERSISTENT_ALIAS, Path(self.session.persistent_db)))
+        files += [(alias, Path(path)) for alias, path in self._attachments.items()]
+        return files
 
     # about
 
@@ -815,6 +838,101 @@ def _read_only_fetch(conn: Any, sql: str) -> dict[str, Any]:
     """
     with conn.transaction(force_rollback=True):
         return _fetch(conn, sql)
+
+
+def _one_statement(sql: str) -> str:
+    """C{sql} without the semicolons that may end it, to be nested in other SQL."""
+    from sqlglot.errors import SqlglotError
+    from sqlglot.tokens import TokenType
+
+    try:
+        tokens = _tokens(sql)
+    except SqlglotError:
+        return sql
+    while tokens and tokens[-1].token_type == TokenType.SEMICOLON:
+        sql = sql[:tokens.pop().start]
+    return sql
+
+
+def _same_file(path: Path, other: Path) -> bool:
+    """
+    Whether two paths name one file: the same file on disk (through hard or
+    symbolic links too) or, where either does not exist yet, the same path
+    once symbolic links are resolved.
+    """
+    try:
+        return os.path.samefile(path, other)
+    except OSError:
+        return path.resolve() == other.resolve()
+
+
+def _export(conn: Any, select: str, fmt: str, target: Path, name: str, replace: bool) -> None:
+    """
+    Write C{select}'s rows to C{target} as C{fmt}: hyperd writes them into a
+    private folder (0700) made beside C{target}, and the finished file then
+    takes C{target}'s place in one step: C{os.replace} when C{replace}, else
+    a hard link, which never replaces a file that appeared meanwhile.  The
+    folder goes in every case; a failure leaves C{target} as it was.  The
+    user's SQL runs only inside transactions that are rolled back.
+    """
+    folder = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".export",
+                                   dir=target.parent))
+    try:
+        written = folder / f"export.{fmt}"
+        if fmt == "hyper":
+            _export_hyper(conn, select, written, name)
+        else:
+            options = "FORMAT csv, HEADER" if fmt == "csv" else "FORMAT parquet"
+            with conn.transaction(force_rollback=True):
+                conn.execute(f"COPY ({select}\n) TO {quote_literal(str(written))} "
+                             f"WITH ({options})")
+        _put_in_place(written, target, replace)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _export_hyper(conn: Any, select: str, written: Path, name: str) -> None:
+    """
+    A new .hyper database at C{written} with C{select}'s rows as table
+    C{name}.  The rows go through an Arrow stream beside it: C{CREATE TABLE
+    AS} would run the user's SQL outside a rolled-back transaction.
+    """
+    alias = quote_identifier(f"export_{secrets.token_hex(4)}")
+    stream = quote_literal(str(written.with_suffix(".arrows")))
+    result = f"{alias}.public.{quote_identifier(name)}"
+    conn.execute(f"CREATE DATABASE {quote_identifier(str(written))}")
+    conn.execute(f"ATTACH DATABASE {quote_identifier(str(written))} AS {alias}")
+    try:
+        with conn.transaction(force_rollback=True):
+            # The table's definition outlives the rollback (Hyper does not
+            # undo DDL); its rows, like any other change, do not.
+            conn.execute(f"CREATE TABLE {result} AS SELECT * FROM ({select}\n) AS q LIMIT 0")
+            conn.execute(f"COPY ({select}\n) TO {stream} WITH (FORMAT arrowstream)")
+        conn.execute(f"COPY {result} FROM {stream} WITH (FORMAT arrowstream)")
+    finally:
+        conn.execute(f"DETACH DATABASE {alias}")
+
+
+def _put_in_place(written: Path, target: Path, replace: bool) -> None:
+    if replace:
+        with contextlib.suppress(OSError):
+            # A replaced file keeps its permissions, as if written in place.
+            old = os.lstat(target)
+            if not os.path.islink(target):
+                os.chmod(written, old.st_mode & 0o7777)
+        os.replace(written, target)
+        return
+    try:
+        os.link(written, target)
+    except FileExistsError:
+        raise ToolFailure(f"path {target} was created while exporting; choose a new path, or "
+                          f"pass overwrite=true to replace it") from None
+    except OSError:
+        # A file system without hard links: look, then rename.
+        if os.path.lexists(target):
+            raise ToolFailure(f"path {target} was created while exporting; choose a new "
+                              f"path") from None
+        os.rename(written, target)
 
 
 def _readable(path: str) -> Path:

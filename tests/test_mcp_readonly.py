@@ -1,11 +1,14 @@
 """
 What a model cannot do to the user's data through the MCP server, driven
 over stdio by the SDK's own client: write through query on a --read-only
-server however the SQL hides it.
+server however the SQL hides it, or destroy a file (a database in use
+above all) with export.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,10 @@ HIDDEN_WRITES = [
 ]
 
 
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
 class ReadOnlyTestCase(McpTestCase):
     @property
     def persistent(self) -> Path:
@@ -44,6 +51,9 @@ class ReadOnlyTestCase(McpTestCase):
     async def keep_rows(self, session: Any) -> Any:
         return (await self.call(session, "query",
                                 sql="SELECT x, note FROM persistent.public.keep ORDER BY x"))["rows"]
+
+    def leftovers(self, folder: Path) -> list[Path]:
+        return sorted(folder.glob(".*.export"))
 
 
 class QueryTests(ReadOnlyTestCase):
@@ -87,6 +97,118 @@ class QueryTests(ReadOnlyTestCase):
                     await self.call(s, "query", sql="SELEC 1")
                 self.assertIn("syntax error", str(caught.exception))
                 self.assertNotIn("read-only", str(caught.exception))
+
+        self.drive(go())
+
+
+class ExportTests(ReadOnlyTestCase):
+    def test_read_only_export_never_replaces_a_file(self) -> None:
+        notes = self.tmp / "notes.txt"
+        notes.write_text("the user's own notes\n")
+
+        async def go() -> None:
+            async with self.server() as writer:
+                await self.call(writer, "execute", sql=KEEP)
+            before = digest(self.persistent)
+            async with self.server("--read-only") as s:
+                for path, fmt in [(self.persistent, "csv"), (self.persistent, "hyper"),
+                                  (self.persistent, "parquet"), (notes, "csv")]:
+                    with self.assertRaises(ToolCallError) as caught:
+                        await self.call(s, "export", path=str(path), format=fmt,
+                                        sql="SELECT 1 AS x", overwrite=True)
+                    self.assertIn(str(path), str(caught.exception))
+                    self.assertTrue(path.exists(), (path, fmt))
+                self.assertEqual(digest(self.persistent), before)
+                self.assertEqual(notes.read_text(), "the user's own notes\n")
+                # Exports to new files still work.
+                fresh = self.tmp / "fresh.csv"
+                await self.call(s, "export", path=str(fresh), format="csv",
+                                sql="SELECT x FROM persistent.public.keep ORDER BY x")
+                self.assertEqual(fresh.read_text().splitlines(), ["x", "1", "2", "3"])
+                with self.assertRaises(ToolCallError) as caught:
+                    await self.call(s, "export", path=str(fresh), format="csv",
+                                    sql="SELECT 1 AS x", overwrite=True)
+                self.assertIn("--read-only", str(caught.exception))
+            async with self.server() as later:
+                self.assertEqual(len(await self.keep_rows(later)), 3)
+            self.assertEqual(self.leftovers(self.tmp), [])
+
+        self.drive(go())
+
+    def test_export_never_writes_onto_an_attached_database(self) -> None:
+        linked = self.tmp / "linked.hyper"
+        hard = self.tmp / "hard.hyper"
+
+        async def go() -> None:
+            async with self.server() as s:
+                await self.call(s, "execute", sql=KEEP)
+                await self.call(s, "execute", sql=["CREATE TABLE scratch (a int)",
+                                                   "INSERT INTO scratch VALUES (1)"])
+                extra = self.tmp / "extra.hyper"
+                await self.call(s, "attach_database", alias="extra", kind="file",
+                                path=str(extra), on_missing="create")
+                scratch = Path((await self.call(s, "status"))["ephemeral_db"])
+                os.symlink(self.persistent, linked)
+                os.link(self.persistent, hard)
+                for path, alias in [(self.persistent, "persistent"), (linked, "persistent"),
+                                    (hard, "persistent"), (scratch, "local"),
+                                    (extra, "extra")]:
+                    for fmt in ("csv", "hyper"):
+                        with self.assertRaises(ToolCallError) as caught:
+                            await self.call(s, "export", path=str(path), format=fmt,
+                                            sql="SELECT 1 AS x", overwrite=True)
+                        self.assertIn(f"attached database {alias!r}", str(caught.exception))
+                self.assertEqual(len(await self.keep_rows(s)), 3)
+                self.assertEqual((await self.call(s, "query", sql="SELECT a FROM scratch"))
+                                 ["rows"], [[1]])
+                self.assertTrue(linked.is_symlink())
+            async with self.server() as later:
+                self.assertEqual(len(await self.keep_rows(later)), 3)
+            self.assertEqual(self.leftovers(self.tmp), [])
+
+        self.drive(go())
+
+    def test_a_failed_export_leaves_the_old_file_and_nothing_else(self) -> None:
+        old_csv = self.tmp / "out.csv"
+        old_csv.write_text("old,content\n")
+        old_hyper = self.tmp / "out.hyper"
+
+        async def go() -> None:
+            async with self.server() as s:
+                await self.call(s, "execute", sql=KEEP)
+                await self.call(s, "export", path=str(old_hyper), format="hyper",
+                                table="persistent.public.keep")
+                with self.assertRaises(ToolCallError) as caught:
+                    await self.call(s, "export", path=str(old_csv), format="csv",
+                                    sql="SELECT 1 AS x")
+                self.assertIn("exists", str(caught.exception))
+                self.assertIn("overwrite=true", str(caught.exception))
+                for path, fmt in [(old_csv, "csv"), (old_csv, "parquet"), (old_hyper, "hyper")]:
+                    before = digest(path)
+                    with self.assertRaises(ToolCallError):
+                        await self.call(s, "export", path=str(path), format=fmt,
+                                        sql="SELECT 1 / (x - 2) AS y FROM "
+                                            "persistent.public.keep", overwrite=True)
+                    self.assertEqual(digest(path), before, (path, fmt))
+                    self.assertEqual(self.leftovers(self.tmp), [])
+                await self.call(s, "attach_database", alias="old", kind="file",
+                                path=str(old_hyper))
+                self.assertEqual((await self.call(
+                    s, "query", sql="SELECT count(*) FROM old.public.keep"))["rows"], [[3]])
+                await self.call(s, "detach_database", alias="old")
+                # A successful overwrite replaces the file whole.
+                await self.call(s, "export", path=str(old_csv), format="csv",
+                                sql="SELECT note FROM persistent.public.keep ORDER BY x",
+                                overwrite=True)
+                self.assertEqual(old_csv.read_text().splitlines(), ["note", "a", "b", "c"])
+                await self.call(s, "export", path=str(old_hyper), format="hyper",
+                                sql="SELECT x * 10 AS x FROM persistent.public.keep;",
+                                overwrite=True)
+                await self.call(s, "attach_database", alias="again", kind="file",
+                                path=str(old_hyper))
+                self.assertEqual((await self.call(
+                    s, "query", sql="SELECT sum(x) FROM again.public.result"))["rows"], [[60]])
+            self.assertEqual(self.leftovers(self.tmp), [])
 
         self.drive(go())
 
