@@ -174,6 +174,18 @@ def converted_sql(column: str, kind: str) -> str:
     return f"CAST(NULLIF({column}, '') AS {kind})"
 
 
+def guarded_sql(column: str, kind: str) -> str:
+    """
+    L{converted_sql} for an inferred C{kind}, which fails (a cast error)
+    on a value that does not fit C{kind}, where hyperd would take some such
+    values by losing part of them: '!' makes each one unreadable.
+    """
+    if kind == TEXT:
+        return column
+    return (f"CAST(NULLIF(CASE WHEN {column} = '' OR {fits_sql(column, kind)} THEN {column} "
+            f"ELSE '!' || {column} END, '') AS {kind})")
+
+
 def schema_types(columns: list[str], schema: dict[str, str] | None) -> dict[int, str]:
     """
     The types that C{schema} gives, by column index.
@@ -571,11 +583,12 @@ def _kind(value: Any) -> str:
 
 @attrs.frozen
 class Loaded:
-    """What a load made: its columns, their types, and what to tell about them."""
+    """What a load made: its columns, their types, what to tell about them, its rows."""
 
     columns: list[str]
     types: list[str]
     notes: list[str]
+    rows: int
 
 
 def rows_sql(parts: list[Part], columns: list[str]) -> str:
@@ -614,19 +627,48 @@ class Loader:
         with C{create(column definitions)} (which returns its name), and
         fill it.
 
+        Most often the first rows tell the types right: the rows then go in
+        with those types in one pass, which fails if a value does not fit
+        (L{guarded_sql}).  Only then, and when the first rows left a column
+        without any value, does C{hyperd} check every row first.
+
         @raise ToolFailure: for a source that cannot be read, a type from
             C{schema} that a value does not fit, or a stop.
         """
+        import psycopg
+
         with self.source.staged(self.folder, self._stop) as staged:
-            columns = staged.columns
+            columns, guess = staged.columns, staged.guess
             given = schema_types(columns, self.schema)
             rows = rows_sql(staged.parts, columns)
             self._stop()
+            if all(i in given or first is not None for i, first in enumerate(guess)):
+                types = [given.get(i) or str(first) for i, first in enumerate(guess)]
+                target = self._create(create, columns, types, given)
+                try:
+                    count = self._insert(conn, target, columns, types, rows, guarded=given)
+                    return Loaded(columns, types, [], count)
+                except psycopg.DataError:
+                    # A later row does not fit, or the source cannot be read: see below.
+                    conn.execute(f"DROP TABLE {target}")
+                self._stop()
             types, notes = self._infer(conn, staged, given, rows)
             self._stop()
             target = self._create(create, columns, types, given)
-            notes += self._fill(conn, create, target, columns, types, given, rows)
-            return Loaded(columns, types, notes)
+            count, more = self._fill(conn, create, target, columns, types, given, rows)
+            return Loaded(columns, types, notes + more, count)
+
+    def _insert(self, conn: Any, target: str, columns: list[str], types: list[str], rows: str,
+                guarded: dict[int, str] | None = None) -> int:
+        """
+        Insert the rows, converted; with C{guarded}, the columns not in it
+        (the inferred ones) fail on a value that does not fit.  The count.
+        """
+        converted = ", ".join(
+            guarded_sql(quote_identifier(c), t) if guarded is not None and i not in guarded
+            else converted_sql(quote_identifier(c), t)
+            for i, (c, t) in enumerate(zip(columns, types)))
+        return conn.execute(f"INSERT INTO {target} SELECT {converted} FROM {rows}").rowcount
 
     def _stop(self) -> None:
         if self.stopping.is_set():
@@ -690,22 +732,16 @@ class Loader:
                               f"TIMESTAMP") from None
 
     def _fill(self, conn: Any, create: Callable[[str], str], target: str, columns: list[str],
-              types: list[str], given: dict[int, str], rows: str) -> list[str]:
+              types: list[str], given: dict[int, str], rows: str) -> tuple[int, list[str]]:
         """
-        Insert the rows, converted; notes on any column that had to stay TEXT.
-        Hyper converts a statement's rows all or none, so a failed insert
-        leaves the table empty.
+        Insert the rows, converted: their count, and notes on any column
+        that had to stay TEXT.  Hyper converts a statement's rows all or
+        none, so a failed insert leaves the table empty.
         """
         import psycopg
 
-        def insert() -> None:
-            converted = ", ".join(converted_sql(quote_identifier(c), t)
-                                  for c, t in zip(columns, types))
-            conn.execute(f"INSERT INTO {target} SELECT {converted} FROM {rows}")
-
         try:
-            insert()
-            return []
+            return self._insert(conn, target, columns, types, rows), []
         except psycopg.DataError:
             misfits = self._misfits(conn, columns, types, rows)
             if not misfits:
@@ -723,8 +759,7 @@ class Loader:
             types[index] = TEXT
         conn.execute(f"DROP TABLE {target}")
         target = self._create(create, columns, types, given)
-        insert()
-        return notes
+        return self._insert(conn, target, columns, types, rows), notes
 
     def _misfits(self, conn: Any, columns: list[str], types: list[str],
                  rows: str) -> dict[int, str]:

@@ -493,7 +493,7 @@ class Tools:
 
             try:
                 loaded = loader.load(conn, create)
-                rows = _swap_in(conn, staging, final, table, mode)
+                rows = _swap_in(conn, staging, final, table, mode, loaded.rows)
             except BaseException:
                 _drop_quietly(conn, staging)
                 raise
@@ -735,15 +735,16 @@ def _mode(mode: str | None) -> str:
     return mode
 
 
-def _swap_in(conn: Any, staging: str, final: str, table: str, mode: str) -> int:
-    rows = conn.execute(f"SELECT count(*) FROM {staging}").fetchone()[0]
-    exists = _exists(conn, final)
-    if mode == "append" and exists:
+def _swap_in(conn: Any, staging: str, final: str, table: str, mode: str,
+             rows: int | None = None) -> int:
+    """Put the staging table's C{rows} (counted if not given) in C{final}; their number."""
+    if rows is None:
+        rows = conn.execute(f"SELECT count(*) FROM {staging}").fetchone()[0]
+    if mode == "append" and _exists(conn, final):
         conn.execute(f"INSERT INTO {final} SELECT * FROM {staging}")
         conn.execute(f"DROP TABLE {staging}")
     else:
-        if exists:
-            conn.execute(f"DROP TABLE {final}")
+        conn.execute(f"DROP TABLE IF EXISTS {final}")
         conn.execute(f"ALTER TABLE {staging} RENAME TO {quote_identifier(table.split('.')[-1])}")
     return rows
 
