@@ -13,7 +13,7 @@ Every process started is stopped at the end, even on error or Ctrl-C.
 Modules:
 
 - C{cli}: options, the run, the table and the JSON file;
-- C{measures}: the eight measures;
+- C{measures}: the nine measures;
 - C{targets}: how to start, ask, stop and kill each daemon (ours, theirs);
 - C{procs}: processes, C{/proc}, ports, temporary sandboxes, cleanup;
 - C{load}: the asyncio driver for many heartbeating sessions;

@@ -24,9 +24,11 @@ from .report import figures, summarize, table
 from .targets import Ours, Target, Theirs
 
 DEFAULT_PEER = "HYPERDB_PEER_DIR"
-FULL = {"pings": 200, "idle_s": 10.0, "sessions": 8, "load": 1000, "load_pings": 200}
-QUICK = {"pings": 20, "idle_s": 2.0, "sessions": 2, "load": 50, "load_pings": 20}
-ALL_MEASURES = set(range(1, 9))
+FULL = {"pings": 200, "idle_s": 10.0, "sessions": 8, "load": 1000, "load_pings": 200,
+        "load_csv_rows": 150_000, "load_json_rows": 20_000}
+QUICK = {"pings": 20, "idle_s": 2.0, "sessions": 2, "load": 50, "load_pings": 20,
+         "load_csv_rows": 10_000, "load_json_rows": 1_000}
+ALL_MEASURES = set(range(1, 10))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="PATH", default="benchmark-results.json",
                         help="where to write the results (default: benchmark-results.json)")
     parser.add_argument("--only", metavar="LIST",
-                        help="run only these measures, e.g. 1,6 (default: all eight)")
+                        help="run only these measures, e.g. 1,6 (default: all nine)")
     parser.add_argument("--load-sessions", type=int, metavar="N",
                         help="sessions for measure 8 (default 1000; --quick: 50)")
     parser.add_argument("--keep-temp", action="store_true",
@@ -176,6 +178,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             measures.clients(reaper, targets, rec)
         if 7 in which:
             measures.memory(reaper, targets, rec, sizes["sessions"])
+        if 9 in which:
+            measures.inline_loads(reaper, targets, rec, sizes)
     except KeyboardInterrupt:
         interrupted = True
     finally:

@@ -1,7 +1,9 @@
 """
 MCP servers (ours: C{python -m hyperdaemon}; theirs: C{hyperdb-mcp}) driven
 over stdio with the SDK's own client, as an assistant would: start the
-server, C{initialize}, call the C{query} tool with C{SELECT 1}.
+server, C{initialize}, call the C{query} tool with C{SELECT 1}; or load
+inline data with C{load_data} (both servers take C{table}, C{data} and
+C{format}).
 """
 
 from __future__ import annotations
@@ -12,12 +14,14 @@ import uuid
 from pathlib import Path
 from typing import Any, Callable
 
-from .procs import BenchError, parent_of, pids_with_env
+from .procs import BenchError, parent_of, pids_with_env, rss_bytes
 
 #: Bound for one server to start and answer.
 SERVER_TIMEOUT = 120.0
 #: Bound for servers to close once released.
 CLOSE_TIMEOUT = 30.0
+#: Bound for one load_data call (upstream loads JSON at about 0.75 ms a row).
+LOAD_TIMEOUT = 300.0
 TAG = "HYPERDAEMON_BENCHMARK_SERVER"
 
 
@@ -49,6 +53,53 @@ def time_first_query(command: str, args: list[str], env: dict[str, str], errlog:
                     return time.perf_counter() - start
 
     return asyncio.run(asyncio.wait_for(go(), SERVER_TIMEOUT))
+
+
+def time_loads(command: str, args: list[str], env: dict[str, str], errlog: Path,
+               loads: list[tuple[str, str, int]]) -> tuple[dict[str, float], int]:
+    """
+    Seconds that each C{load_data} call takes in one server (started and
+    warmed by a query first): C{loads} are (format, data, rows), each loaded
+    into its own table and counted afterwards; and the server's peak RSS
+    (bytes) once they are done.
+    """
+    from mcp.client.session import ClientSession
+    from mcp.client.stdio import stdio_client
+
+    tag = uuid.uuid4().hex
+
+    async def go() -> tuple[dict[str, float], int]:
+        with open(errlog, "a") as log:
+            params = _params(command, args, dict(env, **{TAG: tag}))
+            async with stdio_client(params, errlog=log) as (read, write):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    await _query(session)
+                    seconds = {}
+                    for fmt, data, rows in loads:
+                        table = f"bench_{fmt}"
+                        start = time.perf_counter()
+                        result = await session.call_tool(
+                            "load_data", {"table": table, "data": data, "format": fmt})
+                        seconds[fmt] = time.perf_counter() - start
+                        _check(result, f"load_data ({fmt})", None)
+                        counted = await session.call_tool(
+                            "query", {"sql": f"SELECT count(*) AS n FROM {table}"})
+                        _check(counted, f"the count after load_data ({fmt})", str(rows))
+                    found = pids_with_env(TAG, tag)
+                    found = [p for p in found if parent_of(p) not in found]
+                    if len(found) != 1:
+                        raise BenchError(f"found {len(found)} processes for one MCP server")
+                    return seconds, rss_bytes(found[0], "VmHWM")
+
+    return asyncio.run(asyncio.wait_for(go(), SERVER_TIMEOUT + LOAD_TIMEOUT * len(loads)))
+
+
+def _check(result: Any, what: str, needle: str | None) -> None:
+    # Upstream answers a query with the SQL in a first block, the rows in the next.
+    text = "\n".join(getattr(block, "text", "") for block in result.content or [])
+    if result.is_error or (needle is not None and needle not in text):
+        raise BenchError(f"{what} failed: {text[:300]}")
 
 
 def hold_servers(command: str, args: list[str], envs: list[dict[str, str]], errlog: Path,

@@ -1,5 +1,5 @@
 """
-The eight measures.  Each phase runs its repetitions with the daemons in
+The nine measures.  Each phase runs its repetitions with the daemons in
 alternating order (ours first on even repetitions, theirs first on odd
 ones) and hands every figure to a L{Recorder}.  A measure that fails for
 one daemon in one repetition is recorded as an error and the run goes on.
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from . import load as load_driver
-from .mcpdrive import hold_servers, time_first_query
+from .mcpdrive import hold_servers, time_first_query, time_loads
 from .pinger import ping_many
 from .procs import (
     BenchError,
@@ -520,3 +520,42 @@ def _servers_memory(reaper: Reaper, target: Target, count: int,
                             first_alone=True)
     finally:
         _stop_quietly(daemon)
+
+
+# -- measure 9: inline loads through the MCP server ------------------------------
+
+def inline_data(rows: int, fmt: str) -> str:
+    """C{rows} rows of id, name, score and day, as CSV with a header or a JSON array."""
+    records = ((i, f"name {i}", i * 0.5, f"2024-{i % 12 + 1:02d}-{i % 28 + 1:02d}")
+               for i in range(rows))
+    if fmt == "csv":
+        return "id,name,score,day\n" + "".join(f"{i},{n},{s},{d}\n" for i, n, s, d in records)
+    return json.dumps([{"id": i, "name": n, "score": s, "day": d} for i, n, s, d in records])
+
+
+def inline_loads(reaper: Reaper, targets: Sequence[Target], rec: Recorder,
+                 sizes: dict[str, Any]) -> None:
+    loads = [(fmt, inline_data(sizes[key], fmt), sizes[key])
+             for fmt, key in (("csv", "load_csv_rows"), ("json", "load_json_rows"))]
+    for rep in range(rec.repeats):
+        for target in order(targets, rep):
+            with rec.guard([target], 9, rep, "inline loads"):
+                inline_load(reaper, target, rec, rep, loads)
+
+
+def inline_load(reaper: Reaper, target: Target, rec: Recorder, rep: int,
+                loads: list[tuple[str, str, int]]) -> None:
+    """
+    Measure 9: one MCP server (with its daemon, found or spawned as users
+    have it), C{load_data} of inline CSV and then JSON; the server's peak RSS.
+    """
+    sandbox = reaper.sandbox(f"loads-{target.name}", ports=16)
+    env = target.env(sandbox)
+    command, args = target.mcp_command()
+    try:
+        seconds, peak = time_loads(command, args, env, sandbox.logs / "mcp-servers.log", loads)
+        rec.add(target, "load_csv_s", rep, seconds["csv"])
+        rec.add(target, "load_json_s", rep, seconds["json"])
+        rec.add(target, "load_peak_rss_mb", rep, peak / MB)
+    finally:
+        _stop_quietly(Daemon.adopt(target, sandbox))

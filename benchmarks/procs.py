@@ -91,12 +91,12 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
-def rss_bytes(pid: int) -> int:
-    """C{VmRSS} of C{pid}; 0 if it is gone."""
+def rss_bytes(pid: int, field: str = "VmRSS") -> int:
+    """C{VmRSS} of C{pid} (or another field of its status: C{VmHWM}, the peak); 0 if it is gone."""
     try:
         with open(f"/proc/{pid}/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(f"{field}:"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass

@@ -95,6 +95,11 @@ def figures(sizes: dict[str, Any]) -> list[Figure]:
         Figure("load_cpu_pct", 8, "daemon CPU under load (% of a core)", "%"),
         Figure("load_rss_mb", 8, f"daemon RSS with {s['load']} connections", "MB"),
         Figure("load_failures", 8, "failed connections, heartbeats, PINGs", "n"),
+        Figure("load_csv_s", 9, f"load_data, {s['load_csv_rows']:,} inline CSV rows", "s",
+               Goal("ratio_le", 1.0)),
+        Figure("load_json_s", 9, f"load_data, {s['load_json_rows']:,} inline JSON rows", "s",
+               Goal("ratio_le", 1.0)),
+        Figure("load_peak_rss_mb", 9, "MCP server's peak RSS after both loads", "MB"),
     ]
 
 
