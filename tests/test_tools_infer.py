@@ -309,6 +309,56 @@ class HyperdReadsThePatternsAlikeTests(TestCase):
                          dict.fromkeys([t for t, _ in typed], True))
 
 
+class LoaderTests(TestCase):
+    """L{loading.Loader} on a real hyperd, for the paths the MCP tests do not reach."""
+
+    timeout = 180
+
+    @pytest.fixture(autouse=True)
+    def _tmp(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.state, self.ports, self.env = client_environment(tmp_path)
+
+    async def load(self, source: Any, schema: dict[str, str] | None = None) -> tuple[Any, list]:
+        session = await Session.open(reactor, environ=self.env, no_daemon=True,
+                                     ephemeral_only=True)
+        self.addCleanup(session.close)
+        loader = loading.Loader(source, schema, self.tmp, threading.Event())
+
+        def work(conn: Any) -> tuple[Any, list]:
+            def create(definition: str) -> str:
+                conn.execute(f"CREATE TEMPORARY TABLE t ({definition})")
+                return "t"
+
+            loaded = loader.load(conn, create)
+            return loaded, conn.execute("SELECT * FROM t ORDER BY 1").fetchall()
+
+        return await session.call(work)
+
+    async def test_records_whose_keys_come_late_are_joined_with_nulls(self) -> None:
+        records = [{"a": 1}, {"a": 2, "b": "x"}, {"c": "2024-01-02", "a": 3}]
+        loaded, rows = await self.load(inline_source(json.dumps(records), None))
+        self.assertEqual((loaded.columns, loaded.types, loaded.rows),
+                         (["a", "b", "c"], [BIGINT, TEXT, DATE], 3))
+        from datetime import date
+
+        self.assertEqual(rows, [(1, None, None), (2, "x", None), (3, None, date(2024, 1, 2))])
+        self.assertEqual(list(self.tmp.glob("load-*")), [])
+
+    async def test_a_value_hyperd_refuses_after_all_leaves_its_column_text_with_a_note(
+            self) -> None:
+        # Were the patterns wrong (here: made to accept anything), a value
+        # hyperd cannot convert keeps its column TEXT rather than failing the load.
+        self.patch(loading, "fits_sql", lambda column, kind: "true")
+        data = "n,d\n" + "".join(f"{i},2024-01-02\n" for i in range(1500)) + "7,2023-02-29\n"
+        loaded, rows = await self.load(inline_source(data, None))
+        self.assertEqual(loaded.types, [BIGINT, TEXT])
+        (note,) = loaded.notes
+        self.assertIn("column 'd'", note)
+        self.assertIn("loaded as TEXT", note)
+        self.assertIn((7, "2023-02-29"), rows)
+
+
 def _canonical(text: str, kind: str) -> str:
     """The value Python reads in C{text}, written out in full."""
     from datetime import date, datetime
