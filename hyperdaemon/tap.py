@@ -1,16 +1,18 @@
 """
 The twistd plugin's options and service maker (C{twistd hyperdaemon}).
 
-L{makeService} resolves and checks every setting before twistd forks, so
-that a bad flag, an unusable state directory, a missing C{hyperd} or a
-daemon already running ends the command at once with one clear line and a
-non-zero exit, leaving nothing behind.  It starts nothing: the health port is
+L{Options} checks the values given and L{makeService} resolves and checks
+every setting before twistd forks, so that a bad value, an unusable state
+directory, a missing C{hyperd} or a daemon already running ends the command
+at once with one clear line on stderr and exit 1, leaving nothing behind.
+(An unknown flag is twistd's and twist's own to report, with their usage.)  It starts nothing: the health port is
 bound in C{privilegedStartService} and C{hyperd} in C{startService}.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 from typing import Any, Mapping
 
 from twisted.python import usage
@@ -52,7 +54,15 @@ class Options(usage.Options):
             config.port_choice(self["port"], os.environ)
             config.idle_timeout(self["idle-timeout"], os.environ)
         except config.ConfigError as e:
-            raise usage.UsageError(str(e))
+            # Not a UsageError: twistd and twist print their whole usage for
+            # one, which helps with an unknown flag, not with a bad value.
+            raise SystemExit(f"{_program()}: {e}") from None
+
+
+def _program() -> str:
+    """How the command was run, for its one-line errors: C{twistd hyperdaemon} or C{twist hyperdaemon}."""
+    runner = os.path.basename(sys.argv[0]) if sys.argv else ""
+    return f"{runner if runner in ('twistd', 'twist') else 'twistd'} hyperdaemon"
 
 
 def choose_port(choice: config.PortChoice) -> tuple[int, tuple[int, ...]]:
@@ -151,4 +161,4 @@ def makeService(options: Options) -> DaemonService:
     try:
         return build_service({k.replace("-", "_"): v for k, v in options.items()}, reactor)
     except StartupError as e:
-        raise SystemExit(f"twistd hyperdaemon: {e}") from None
+        raise SystemExit(f"{_program()}: {e}") from None

@@ -36,10 +36,15 @@ class OptionsTests(SynchronousTestCase):
         self.assertEqual((options["port"], options["idle-timeout"], options["state-dir"],
                           options["compat"]), ("1234", "5", "/x", 1))
 
-    def test_bad_values_are_usage_errors(self) -> None:
-        for argv in (["--port", "nope"], ["--idle-timeout", "-1"]):
-            with self.assertRaises(usage.UsageError):
+    def test_bad_values_end_the_command_with_one_line_not_a_usage_error(self) -> None:
+        # twistd and twist print their whole usage for a UsageError.
+        for argv, line in ((["--port", "nope"], "--port is 'nope'"),
+                           (["--idle-timeout", "-1"], "--idle-timeout is '-1'")):
+            with self.assertRaises(SystemExit) as caught:
                 Options().parseOptions(argv)
+            self.assertNotIsInstance(caught.exception, usage.UsageError)
+            self.assertIn(line, str(caught.exception.code))
+            self.assertNotIn("\n", str(caught.exception.code))
 
 
 class TwistdTests(SynchronousTestCase):
@@ -139,11 +144,33 @@ class TwistdTests(SynchronousTestCase):
             self.assertNotIn("Traceback", second.stderr)
         self.assertIsNone(first.poll())
 
-    def test_bad_option_is_refused(self) -> None:
-        result = subprocess.run(
-            [str(BIN / "twistd"), "-n", "hyperdaemon", "--port", "banana"],
-            env=self.env, cwd=self.tmp, capture_output=True, text=True, timeout=QUICK,
-        )
-        self.assertNotEqual(result.returncode, 0)
-        self.assertIn("--port is 'banana'", result.stdout + result.stderr)
-        self.assertNotIn("Traceback", result.stdout + result.stderr)
+    def test_bad_value_is_refused_in_one_line_without_the_usage(self) -> None:
+        cases = [
+            (["--port", "banana"], "--port is 'banana', which is not a port number"),
+            (["--idle-timeout", "-5"], "--idle-timeout is '-5': give the idle timeout"),
+        ]
+        for runner, before in (("twistd", ["-n", "--pidfile="]), ("twist", [])):
+            for flags, message in cases:
+                result = subprocess.run(
+                    [str(BIN / runner), *before, "hyperdaemon", *flags],
+                    env=self.env, cwd=self.tmp, capture_output=True, text=True, timeout=QUICK,
+                )
+                self.assertEqual((result.returncode, result.stdout), (1, ""),
+                                 f"{runner} {flags}: {result.stdout}{result.stderr}")
+                lines = result.stderr.splitlines()
+                self.assertEqual(len(lines), 1, f"{runner} {flags}: {result.stderr}")
+                self.assertTrue(lines[0].startswith(f"{runner} hyperdaemon: {message}"), lines[0])
+        self.assertTrue(port_is_free(self.port))
+
+    def test_unknown_flag_gets_the_runners_usage_and_exit_status(self) -> None:
+        # README: twistd exits 1 with its usage on stdout, twist 64 (EX_USAGE) on stderr.
+        for runner, before, code in (("twistd", ["-n", "--pidfile="], 1), ("twist", [], 64)):
+            result = subprocess.run(
+                [str(BIN / runner), *before, "hyperdaemon", "--bogus"],
+                env=self.env, cwd=self.tmp, capture_output=True, text=True, timeout=QUICK,
+            )
+            output = result.stdout + result.stderr
+            self.assertEqual(result.returncode, code, output)
+            self.assertIn("--bogus", output)
+            self.assertIn("--idle-timeout", output)  # the plugin's own usage
+            self.assertNotIn("Traceback", output)
