@@ -40,7 +40,36 @@ STOP_TIMEOUT = 60.0
 
 
 class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line, with where to look."""
+    """
+    An argument parser whose errors are one line, with where to look: the
+    help of the (sub)command that was run.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        #: The subcommands' parsers, by the C{dest} of their subparsers and their name.
+        self.subcommands: dict[tuple[str, str], _Parser] = {}
+
+    def add_subcommand(self, dest: str, subparsers: Any, name: str, **kwargs: Any) -> "_Parser":
+        parser = subparsers.add_parser(name, **kwargs)
+        self.subcommands[dest, name] = parser
+        return parser
+
+    def innermost(self, namespace: argparse.Namespace) -> "_Parser":
+        """The parser of the deepest subcommand named in C{namespace}."""
+        for (dest, name), parser in self.subcommands.items():
+            if getattr(namespace, dest, None) == name:
+                return parser.innermost(namespace)
+        return self
+
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        # argparse reports a subcommand's unknown arguments from the top
+        # parser, which would point at the top's --help.
+        parsed, extra = self.parse_known_args(args, namespace)
+        if extra:
+            self.innermost(parsed).error(f"unrecognized arguments: {' '.join(extra)}")
+        return parsed
 
     def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: {message} (see '{self.prog} --help')\n")
@@ -75,8 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="refuse every tool that writes")
     commands = parser.add_subparsers(dest="command", parser_class=_Parser)
 
-    daemon = commands.add_parser(
-        "daemon", help="run the shared daemon in the foreground, or manage it",
+    daemon = parser.add_subcommand(
+        "command", commands, "daemon", help="run the shared daemon in the foreground, or manage it",
         description="Run the per-user daemon in the foreground (stop it with "
                     "Ctrl-C, SIGTERM or 'hyperdb-mcp daemon stop').",
     )
@@ -96,14 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     # For clients that spawn the daemon: a pipe told READY/EXISTS/ERROR once.
     daemon.add_argument("--ready-fd", type=int, default=None, help=argparse.SUPPRESS)
     actions = daemon.add_subparsers(dest="action", parser_class=_Parser)
-    status = actions.add_parser(
-        "status", help="show the running daemon's facts",
+    status = daemon.add_subcommand(
+        "action", actions, "status", help="show the running daemon's facts",
         description="Show the running daemon (exit 0), or say none runs (exit 1).",
     )
     _common(status)
     status.add_argument("--json", action="store_true", help="print its STATUS object as JSON")
-    stop = actions.add_parser(
-        "stop", help="stop the running daemon and wait until it is gone",
+    stop = daemon.add_subcommand(
+        "action", actions, "stop", help="stop the running daemon and wait until it is gone",
         description="Ask the running daemon to stop; return once it has exited (exit 0), "
                     "or exit 1 if none runs.",
     )

@@ -224,9 +224,19 @@ class RunTests(CliTestCase):
                           timeout=QUICK)
         self.assert_one_line_error(result, f"already running on port {running.port}")
 
+    def test_unknown_flag_points_at_the_help_of_the_subcommand_run(self) -> None:
+        for command in (["daemon"], ["daemon", "status"], ["daemon", "stop"]):
+            result = self.cli(*command, "--bogus")
+            self.assert_one_line_error(result, "--bogus")
+            self.assertEqual(result.returncode, 2)
+            name = " ".join(["hyperdb-mcp", *command])
+            self.assertTrue(result.stderr.startswith(f"{name}: "), result.stderr)
+            self.assertTrue(result.stderr.rstrip().endswith(f"(see '{name} --help')"),
+                            result.stderr)
+
     def test_mcp_server_bad_flag(self) -> None:
         result = self.cli("--read-onyl")
-        self.assert_one_line_error(result, "--read-onyl")
+        self.assert_one_line_error(result, "--read-onyl", "(see 'hyperdb-mcp --help')")
         self.assertEqual(result.returncode, 2)
 
 
