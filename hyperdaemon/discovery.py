@@ -93,21 +93,22 @@ class DaemonRecord:
 _FIX = "choose another with --state-dir or HYPERDB_STATE_DIR"
 
 
-def _secure_dir(path: Path, may_be_link: bool = False) -> None:
+def _secure_dir(path: Path, what: str, may_be_link: bool = False) -> None:
     """
     Make C{path} an existing 0700 directory of this user.  A symbolic link
     is refused, except where C{may_be_link} (the state directory itself):
     there a link is followed only if the link too is this user's, so that
     nobody can point our state, and our chmod, at a directory they chose.
+
+    @param what: C{path} for a person, e.g. C{"the logs folder /s/logs
+        inside the state directory /s"}.
     """
     try:
         path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
         link = path.lstat()
         info = path.stat()
     except OSError as e:
-        raise StateDirError(
-            f"Cannot create the state directory {path}: {e.strerror}; {_FIX}."
-        ) from None
+        raise StateDirError(f"Cannot create {what}: {e.strerror}; {_FIX}.") from None
     if stat.S_ISLNK(link.st_mode):
         if not may_be_link:
             raise StateDirError(
@@ -120,16 +121,21 @@ def _secure_dir(path: Path, may_be_link: bool = False) -> None:
                 f"(uid {link.st_uid}); remove it or {_FIX}."
             )
     if not stat.S_ISDIR(info.st_mode):
-        raise StateDirError(
-            f"The state directory {path} is not a directory; {_FIX}."
-        )
+        raise StateDirError(f"{what[0].upper()}{what[1:]} is not a directory; {_FIX}.")
     if info.st_uid != os.geteuid():
         raise StateDirError(
-            f"The state directory {path} belongs to another user (uid {info.st_uid}); "
-            f"choose one of your own with --state-dir or HYPERDB_STATE_DIR."
+            f"{what[0].upper()}{what[1:]} belongs to another user (uid {info.st_uid}); "
+            f"choose a state directory of your own with --state-dir or HYPERDB_STATE_DIR."
         )
-    if stat.S_IMODE(info.st_mode) != DIR_MODE:
-        os.chmod(path, DIR_MODE)
+    mode = stat.S_IMODE(info.st_mode)
+    if mode != DIR_MODE:
+        try:
+            os.chmod(path, DIR_MODE)
+        except OSError as e:
+            raise StateDirError(
+                f"Cannot make {what} private (mode 0700 instead of {mode:04o}): "
+                f"{e.strerror}; make it a writable folder of mode 0700 or {_FIX}."
+            ) from None
 
 
 def prepare_state_dir(path: Path) -> Path:
@@ -142,11 +148,13 @@ def prepare_state_dir(path: Path) -> Path:
     @return: the C{logs} folder.
     @raise StateDirError: if that cannot be done.
     """
-    _secure_dir(path, may_be_link=True)
+    _secure_dir(path, f"the state directory {path}", may_be_link=True)
     logs = path / LOGS_NAME
-    _secure_dir(logs)
-    _secure_dir(logs / HYPERD_LOGS_NAME)
-    _secure_dir(path / SESSIONS_NAME)
+    inside = f"inside the state directory {path}"
+    _secure_dir(logs, f"the logs folder {logs} {inside}")
+    _secure_dir(logs / HYPERD_LOGS_NAME,
+                f"the hyperd logs folder {logs / HYPERD_LOGS_NAME} {inside}")
+    _secure_dir(path / SESSIONS_NAME, f"the sessions folder {path / SESSIONS_NAME} {inside}")
     try:
         with tempfile.TemporaryFile(dir=path):
             pass

@@ -46,7 +46,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from . import __version__, peeruid
-from .config import HYPERD_USER
+from .config import HYPERD_USER, ConfigError
 from .discovery import SESSIONS_NAME, CorruptDiscovery, read_record
 from .finder import DaemonAddress, Finder
 from .sharedfiles import NotDurable, SharedFile, take_hold, wait_until_written
@@ -553,6 +553,30 @@ def default_persistent_db(environ: dict[str, str] | None = None) -> Path:
     return Path(data) / "hyperdb" / "workspace.hyper"
 
 
+def check_persistent_db(path: Path) -> None:
+    """
+    Make the persistent database's folder exist and check that the file is,
+    or can be made, there: before a session starts anything, so that a bad
+    path fails the open at once and leaves nothing running.
+
+    @raise ConfigError: one sentence naming the path, what it is for, and
+        the fix.
+    """
+    fix = ("choose another file with --persistent-db or HYPERDB_PERSISTENT_DB, "
+           "or do without one (--ephemeral-only)")
+    if os.path.isdir(path):
+        raise ConfigError(f"The persistent database {path} is a folder, not a .hyper file; "
+                          f"{fix}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"Cannot create the folder {path.parent} for the persistent database "
+                          f"{path}: {e.strerror}; {fix}.") from None
+    if not os.path.lexists(path) and not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"Cannot create the persistent database {path}: its folder is not "
+                          f"writable; {fix}.")
+
+
 class _WorkerPool(ThreadPool):
     """A session's worker: its thread never keeps a finished program alive."""
 
@@ -729,13 +753,21 @@ class Session:
     @classmethod
     async def _open(cls, reactor: Any, source: HyperdSource,
                     persistent: Path | None) -> "Session":
-        from .discovery import prepare_state_dir
+        from .discovery import StateDirError, prepare_state_dir
 
         root = source.sessions_root
         prepare_state_dir(root.parent)
+        if persistent is not None:
+            check_persistent_db(persistent)
         # A private folder, made exclusively, named for our pid so that a
         # daemon can tell when its owner is gone.
-        folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+        try:
+            folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+        except OSError as e:
+            raise StateDirError(
+                f"Cannot create this session's folder in {root}: {e.strerror}; free or fix "
+                f"the state directory, or choose another with HYPERDB_STATE_DIR."
+            ) from None
         session = cls(reactor, source, folder / EPHEMERAL_NAME, persistent)
         session._pool.start()
         # psycopg takes some 50 ms to import: the worker does it

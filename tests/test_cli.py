@@ -180,6 +180,45 @@ class RunTests(CliTestCase):
         result = self.cli("daemon", "--port", str(free_port()), "--state-dir", str(blocker))
         self.assert_one_line_error(result, str(blocker), "--state-dir")
 
+    @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc")
+    def test_state_dir_without_room_for_its_logs_folder_names_that_folder(self) -> None:
+        # /proc is a directory in which no folder can be made.
+        result = self.cli("daemon", "--port", str(free_port()), "--state-dir", "/proc")
+        self.assert_one_line_error(
+            result, "Cannot create the logs folder /proc/logs inside the state directory /proc: ",
+            "--state-dir")
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a file system")
+    def test_read_only_state_dir_of_a_loose_mode_is_one_line_for_daemon_and_mcp_server(
+            self) -> None:
+        self.state.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs",
+                        str(self.state)], check=True)
+        self.addCleanup(subprocess.run, ["umount", "-l", str(self.state)], check=False)
+        subprocess.run(["mount", "-o", "remount,ro", str(self.state)], check=True)
+        expected = (f"Cannot make the state directory {self.state} private (mode 0700 instead "
+                    f"of 0755): Read-only file system; ")
+        daemon = self.cli("daemon", "--port", str(free_port()))
+        self.assert_one_line_error(daemon, expected, "HYPERDB_STATE_DIR")
+        server = self.cli("--ephemeral-only")
+        self.assert_one_line_error(server, expected, "HYPERDB_STATE_DIR")
+        self.assertEqual((daemon.returncode, server.returncode), (1, 1))
+
+    @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a file system")
+    def test_read_only_sessions_folder_is_one_line_for_the_mcp_server(self) -> None:
+        sessions = self.state / "sessions"
+        sessions.mkdir(parents=True)
+        self.state.chmod(0o700)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,mode=0700", "tmpfs",
+                        str(sessions)], check=True)
+        self.addCleanup(subprocess.run, ["umount", "-l", str(sessions)], check=False)
+        subprocess.run(["mount", "-o", "remount,ro", str(sessions)], check=True)
+        result = self.cli("--ephemeral-only")
+        self.assert_one_line_error(
+            result, f"Cannot create this session's folder in {sessions}: Read-only file system; ",
+            "HYPERDB_STATE_DIR")
+        self.assertEqual(result.returncode, 1)
+
     @pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
     def test_unwritable_state_dir(self) -> None:
         locked = self.tmp / "locked"
@@ -233,6 +272,26 @@ class RunTests(CliTestCase):
             self.assertTrue(result.stderr.startswith(f"{name}: "), result.stderr)
             self.assertTrue(result.stderr.rstrip().endswith(f"(see '{name} --help')"),
                             result.stderr)
+
+    def test_mcp_server_unusable_persistent_db_is_one_line_and_starts_nothing(self) -> None:
+        blocker = self.tmp / "a-file"
+        blocker.write_text("")
+        cases = [
+            ("/proc/nope/x.hyper", "Cannot create the folder /proc/nope for the persistent "
+                                   "database /proc/nope/x.hyper: No such file or directory; "),
+            (f"{blocker}/x.hyper", f"Cannot create the folder {blocker} for the persistent "
+                                   f"database {blocker}/x.hyper: File exists; "),
+            (str(self.tmp), f"The persistent database {self.tmp} is a folder, not a .hyper file; "),
+        ]
+        for path, message in cases:
+            for how in (["--persistent-db", path], []):
+                result = self.cli(*how, env=dict(self.env, HYPERDB_PERSISTENT_DB=path))
+                self.assert_one_line_error(result, f"hyperdb-mcp: {message}", "--persistent-db",
+                                           "HYPERDB_PERSISTENT_DB", "--ephemeral-only")
+                self.assertEqual(result.returncode, 1)
+        # Refused before a daemon was looked for, or spawned.
+        self.assertTrue(port_is_free(int(self.range.split("-")[0])))
+        self.assertFalse((self.state / "daemon.json").exists())
 
     def test_mcp_server_bad_flag(self) -> None:
         result = self.cli("--read-onyl")
