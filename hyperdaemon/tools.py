@@ -326,10 +326,14 @@ class Tools:
         self._status_facts = status_facts or (lambda: {})
         #: Set when the server shuts down: loads under way stop.
         self._stopping = threading.Event()
-        #: Databases attached with attach_database: alias -> path.
-        self._attachments: dict[str, str] = {}
 
     # helpers
+
+    @property
+    def _attachments(self) -> dict[str, str]:
+        """Databases attached with attach_database: alias -> path."""
+        return {alias: str(path) for alias, path in self.session.attached_files.items()
+                if alias != PERSISTENT_ALIAS}
 
     def _database(self, database: str | None, persist: bool | None = None) -> str:
         if persist:
@@ -344,8 +348,13 @@ class Tools:
             raise ToolFailure(f"{tool} writes, and the server runs with --read-only; "
                               f"use query, query_data or query_file")
 
-    def _call(self, work: Callable[[Any], Any], retry: bool = False) -> defer.Deferred[Any]:
-        d = self.session.call(work, retry)
+    def _call(self, work: Callable[[Any], Any], retry: bool = False,
+              writes: bool | set[str] = True) -> defer.Deferred[Any]:
+        """
+        Run C{work} in the session; C{writes}: which databases it may change
+        (those are on disk before the result is returned).
+        """
+        d = self.session.call(work, retry, writes)
         return d.addErrback(_explain)
 
     # query / execute
@@ -358,7 +367,7 @@ class Tools:
                 _require_read_only(conn, sql)
                 return _read_only_fetch(conn, sql)
 
-        return self._call(work, retry=True)
+        return self._call(work, retry=True, writes=False)
 
     def execute(self, sql: list[str] | str,
                 database: str | None = None) -> defer.Deferred[dict[str, Any]]:
@@ -396,7 +405,7 @@ class Tools:
                     "columns": [{"name": c.name, "type": _type_name(conn, c.type_code)}
                                 for c in cursor.description]}
 
-        return self._call(work, retry=True)
+        return self._call(work, retry=True, writes=False)
 
     def sample(self, table: str, n: int | None = None,
                database: str | None = None) -> defer.Deferred[dict[str, Any]]:
@@ -473,7 +482,7 @@ class Tools:
             return {"table": table, "database": db, "rows_loaded": rows, "mode": mode,
                     "source": str(source)}
 
-        return self._call(work)
+        return self._call(work, writes={db})
 
     def _load(self, table: str, db: str, loader: Any, mode: str | None,
               source: str) -> defer.Deferred[dict[str, Any]]:
@@ -503,7 +512,7 @@ class Tools:
                 result["notes"] = loaded.notes
             return result
 
-        return self._call(work)
+        return self._call(work, writes={db})
 
     # one-shot analysis
 
@@ -548,7 +557,7 @@ class Tools:
                 result["notes"] = loaded.notes
             return result
 
-        return self._call(work)
+        return self._call(work, writes=False)
 
     def _one_shot_select(self, name: str, select: str, sql: str) -> defer.Deferred[dict[str, Any]]:
         def work(conn: Any) -> dict[str, Any]:
@@ -560,7 +569,7 @@ class Tools:
             finally:
                 conn.execute(f"DROP TABLE IF EXISTS {target}")
 
-        return self._call(work)
+        return self._call(work, writes=False)
 
     # databases
 
@@ -586,26 +595,23 @@ class Tools:
             raise ToolFailure("attach_database with on_missing='create' would create a file, "
                               "and the server runs with --read-only; attach an existing file")
 
-        def work(conn: Any) -> dict[str, Any]:
-            if create:
-                conn.execute(f"CREATE DATABASE IF NOT EXISTS {quote_identifier(str(target))}")
-            conn.execute(f"ATTACH DATABASE {quote_identifier(str(target))} AS "
-                         f"{quote_identifier(alias)}")
-            self._attachments[alias] = str(target)
-            return {"alias": alias, "path": str(target)}
-
-        return self._call(work)
+        # A shared file: attached around calls, writes to it made durable.
+        d = self.session.attach(alias, target, create=create)
+        d.addCallback(lambda _: {"alias": alias, "path": str(target)})
+        return d.addErrback(_explain)
 
     def detach_database(self, alias: str) -> defer.Deferred[dict[str, Any]]:
         if alias in (EPHEMERAL_ALIAS, PERSISTENT_ALIAS):
             raise ToolFailure(f"{alias!r} belongs to the session and cannot be detached")
 
-        def work(conn: Any) -> dict[str, Any]:
-            conn.execute(f"DETACH DATABASE {quote_identifier(alias)}")
-            self._attachments.pop(alias, None)
-            return {"detached": alias}
-
-        return self._call(work)
+        if alias not in self._attachments:
+            attached = ", ".join(sorted(self._attachments)) or "none"
+            raise ToolFailure(f"alias: no database is attached as {alias!r} (attached with "
+                              f"attach_database: {attached}); list_attached_databases shows "
+                              f"every alias")
+        d = self.session.detach(alias)
+        d.addCallback(lambda _: {"detached": alias})
+        return d.addErrback(_explain)
 
     def list_attached_databases(self) -> defer.Deferred[dict[str, Any]]:
         found = [{"alias": EPHEMERAL_ALIAS, "path": str(self.session.ephemeral_db),
@@ -645,7 +651,7 @@ class Tools:
                 _export(conn, _one_statement(select), fmt, target, name, bool(overwrite))
             return {"path": str(target), "format": fmt, "bytes": target.stat().st_size}
 
-        return self._call(work)
+        return self._call(work, writes=False)
 
     def _export_target(self, path: str, overwrite: bool) -> Path:
         """The absolute path to export to, if export may write there."""
