@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
 from . import __version__, config
@@ -165,24 +166,38 @@ def _skipped(probe: PortProbe) -> None:
           file=sys.stderr)
 
 
-def _locate(options: dict[str, Any]) -> tuple[int | None, int]:
+def _locate(options: dict[str, Any]) -> tuple[int | None, Path | None, int]:
     """
-    The port of this user's running daemon (or None), and an exit code for
-    errors.  Ports held by other users are skipped with a note on stderr; a
-    pinned one is an error.
+    The port of this user's running daemon (or None), the state directory
+    asked for, and an exit code for errors.  Ports held by other users are
+    skipped with a note on stderr; a pinned one is an error.
     """
     try:
         choice = config.port_choice(options.get("port"), os.environ)
         state = config.state_dir(options.get("state_dir"), os.environ)
     except config.ConfigError as e:
-        return None, _fail(str(e), 2)
+        return None, None, _fail(str(e), 2)
     found = locate(state, choice, on_skip=_skipped)
     if found is not None and found.state is PortState.OTHER_USER:
-        return None, _fail(
+        return None, state, _fail(
             f"port {found.port} is held by {found.held_by()}, not by your daemon: "
             f"pin a port of your own with --port or HYPERDB_DAEMON_PORT."
         )
-    return (found.port if found else None), 0
+    return (found.port if found else None), state, 0
+
+
+def other_state_dir(facts: dict[str, Any], asked: Path) -> str | None:
+    """
+    A note for when the daemon found (by its port, for a daemon serves
+    every state directory of its user in the range) keeps its state in
+    another directory than C{asked}; C{None} if it is the same one, or the
+    daemon does not say (the upstream one).
+    """
+    theirs = facts.get("state_dir")
+    if not isinstance(theirs, str) or os.path.realpath(theirs) == os.path.realpath(asked):
+        return None
+    return (f"note: the daemon on port {facts.get('health_port', '?')} uses the state "
+            f"directory {theirs}, not {asked}.")
 
 
 def _age(seconds: float) -> str:
@@ -232,6 +247,8 @@ def describe(facts: dict[str, Any]) -> str:
         row("idle stop", "never" if not idle else f"after {idle:g} s idle")
     if "compat" in facts:
         row("password", "none (--compat)" if facts["compat"] else "required (see daemon.json)")
+    if facts.get("state_dir"):
+        row("state dir", facts["state_dir"])
     if facts.get("log_dir"):
         row("logs", facts["log_dir"])
     sessions = facts.get("sessions")
@@ -253,7 +270,7 @@ def describe(facts: dict[str, Any]) -> str:
 
 
 def daemon_status(options: dict[str, Any]) -> int:
-    port, code = _locate(options)
+    port, state, code = _locate(options)
     if code:
         return code
     if port is None:
@@ -262,6 +279,9 @@ def daemon_status(options: dict[str, Any]) -> int:
         facts = fetch_status(port)
     except (OSError, DaemonError) as e:
         return _fail(f"the daemon on port {port} did not report its status: {e}")
+    note = other_state_dir(facts, state) if state is not None else None
+    if note:
+        print(f"{PROG}: {note}", file=sys.stderr)
     if options.get("json"):
         print(json.dumps(facts, indent=2))
     else:
@@ -270,16 +290,21 @@ def daemon_status(options: dict[str, Any]) -> int:
 
 
 def daemon_stop(options: dict[str, Any]) -> int:
-    port, code = _locate(options)
+    port, state, code = _locate(options)
     if code:
         return code
     if port is None:
         return _fail(NO_DAEMON)
     pid = None
     try:
-        pid = fetch_status(port).get("pid")
+        facts = fetch_status(port)
     except (OSError, DaemonError):
         pass
+    else:
+        pid = facts.get("pid")
+        note = other_state_dir(facts, state) if state is not None else None
+        if note:
+            print(f"{PROG}: {note}", file=sys.stderr)
     try:
         with connect_own(port) as conn:
             reply = conn.ask("STOP")

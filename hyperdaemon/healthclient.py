@@ -254,20 +254,24 @@ def locate(state_dir: Path, choice: PortChoice,
     """
     Find the running daemon of this user: the pinned port only, if one is
     pinned (which may be held by another user: the caller says so); else
-    the port named by C{daemon.json} (removing the file if it is corrupt or
-    names no daemon of ours), then a scan of the port range.  Ports held by
-    another user are skipped, each reported to C{on_skip}; C{daemon.json}
-    is read only if it is this user's (L{read_record}), and the port it
-    names is checked like any other.
+    the port named by C{daemon.json}, then a scan of the port range.  Ports
+    held by another user are skipped, each reported to C{on_skip};
+    C{daemon.json} is read only if it is this user's (L{read_record}), and
+    the port it names is checked like any other.  Pinned or not, a
+    C{daemon.json} that is corrupt or names no daemon of ours is removed.
     """
-    if choice.pinned is not None:
-        found = probe_port(choice.pinned)
-        return found if found.state in (PortState.DAEMON, PortState.OTHER_USER) else None
     try:
         record = read_record(state_dir)
     except CorruptDiscovery:
         remove_record(state_dir)
         record = None
+    if choice.pinned is not None:
+        found = probe_port(choice.pinned)
+        if record is not None:
+            named = found if record.health_port == found.port else probe_port(record.health_port)
+            if named.state is not PortState.DAEMON:
+                remove_record(state_dir)
+        return found if found.state in (PortState.DAEMON, PortState.OTHER_USER) else None
     reported: set[int] = set()
 
     def skip(found: PortProbe) -> None:

@@ -117,6 +117,51 @@ class StatusTests(CliTestCase):
         self.assertEqual(result.returncode, 1)
         self.assertFalse((self.state / "daemon.json").exists())
 
+    def stale_record(self, corrupt: bool) -> Path:
+        self.state.mkdir(mode=0o700)
+        path = self.state / "daemon.json"
+        path.write_text("{not json" if corrupt else json.dumps({
+            "pid": 999999, "hyperd_endpoint": "127.0.0.1:1", "health_port": free_port(),
+            "started_at": "2026-01-01T00:00:00+00:00", "version": "0.0.1",
+        }))
+        return path
+
+    def test_a_pinned_port_still_removes_a_stale_or_corrupt_discovery_file(self) -> None:
+        for corrupt in (False, True):
+            for pin in ("flag", "variable"):
+                record = self.stale_record(corrupt)
+                port = str(free_port())
+                if pin == "flag":
+                    result = self.cli("daemon", "status", "--port", port)
+                else:
+                    result = self.cli("daemon", "status",
+                                      env=dict(self.env, HYPERDB_DAEMON_PORT=port))
+                self.assertEqual((result.returncode, result.stderr.strip()), (1, NO_DAEMON))
+                self.assertFalse(record.exists(), f"corrupt={corrupt}, pinned by {pin}")
+                self.state.rmdir()
+
+    def test_a_pinned_port_keeps_a_discovery_file_that_names_a_live_daemon(self) -> None:
+        daemon = self.start_daemon()
+        result = self.cli("daemon", "status", "--port", str(free_port()))
+        self.assertEqual((result.returncode, result.stderr.strip()), (1, NO_DAEMON))
+        self.assertEqual(daemon.record()["pid"], daemon.pid)
+
+    def test_status_says_when_the_daemon_found_uses_another_state_dir(self) -> None:
+        daemon = self.start_daemon(int(self.range.split("-")[0]))
+        own = self.cli("daemon", "status")
+        self.assertEqual((own.returncode, own.stderr), (0, ""))
+        self.assertIn(f"state dir  {self.state}\n", own.stdout)
+        other = self.tmp / "other-state"
+        env = dict(self.env, HYPERDB_STATE_DIR=str(other))
+        note = (f"hyperdb-mcp: note: the daemon on port {daemon.port} uses the state directory "
+                f"{self.state}, not {other}.\n")
+        result = self.cli("daemon", "status", env=env)
+        self.assertEqual((result.returncode, result.stderr), (0, note))
+        self.assertIn(f"state dir  {self.state}\n", result.stdout)
+        result = self.cli("daemon", "status", "--json", "--state-dir", str(other), env=self.env)
+        self.assertEqual((result.returncode, result.stderr), (0, note))
+        self.assertEqual(json.loads(result.stdout)["state_dir"], str(self.state))
+
     def test_a_foreign_listener_is_not_a_daemon(self) -> None:
         import socket
 
