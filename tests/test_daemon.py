@@ -392,17 +392,19 @@ class LifecycleTests(DaemonTestCase):
     def test_heartbeats_keep_an_idle_daemon_alive(self) -> None:
         import time
 
-        daemon = self.start_daemon("--idle-timeout", "1")
+        # A heartbeat every 0.2 s against a 3 s idle timeout: a margin of
+        # 15 that a loaded machine cannot eat up.
+        daemon = self.start_daemon("--idle-timeout", "3")
         facts = daemon.wait_ready()
         # Heartbeat for three idle periods; the daemon must still be there.
-        end = time.monotonic() + 3.0
+        end = time.monotonic() + 9.0
         with socket.create_connection(("127.0.0.1", daemon.port), timeout=QUICK) as s:
             f = s.makefile("rwb")
             while time.monotonic() < end:
                 f.write(b"HEARTBEAT\n")
                 f.flush()
                 self.assertEqual(f.readline(), b"OK\n")
-                time.sleep(0.25)
+                time.sleep(0.2)  # pacing, not waiting for an outcome
         self.assertIsNone(daemon.proc.poll())
         # Without them it stops.
         self.assert_gone(daemon, facts["hyperd_pid"])

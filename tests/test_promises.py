@@ -158,23 +158,6 @@ def _continue(pid: int) -> None:
         pass
 
 
-class SharpenedTests(ClientTestCase):
-    async def test_ephemeral_only_has_no_persistent_database_to_name(self) -> None:
-        session = await self.open(ephemeral_only=True)
-        with self.assertRaises(psycopg.errors.InvalidSchemaName) as caught:
-            await session.query("SELECT 1 FROM persistent.public.anything")
-        self.assertIn("persistent", str(caught.exception))
-        self.assertFalse(Path(self.env["HYPERDB_PERSISTENT_DB"]).exists())
-
-    async def test_a_failed_batch_names_the_failing_statement_and_leaves_no_row(self) -> None:
-        session = await self.open()
-        await session.execute("CREATE TABLE t (x int)")
-        with self.assertRaises(psycopg.errors.UndefinedTable) as caught:
-            await session.execute(["INSERT INTO t VALUES (1)", "INSERT INTO nowhere VALUES (2)"])
-        self.assertIn("nowhere", str(caught.exception))
-        self.assertEqual((await session.query("SELECT count(*) FROM t")).rows, [(0,)])
-
-
 class FailedLoadTests(McpTestCase):
     def test_a_failed_replace_keeps_the_old_rows_and_a_broken_json_lines_file_loads_nothing(
             self) -> None:

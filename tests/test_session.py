@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory, Protocol
@@ -220,15 +221,18 @@ class SharingTests(ClientTestCase):
     async def test_atomic_batch_leaves_nothing_when_a_statement_fails(self) -> None:
         session = await self.open()
         await session.execute("CREATE TABLE t (x int)")
-        with self.assertRaises(Exception):
+        with self.assertRaises(psycopg.errors.UndefinedTable) as caught:
             await session.execute(["INSERT INTO t VALUES (1)", "INSERT INTO nowhere VALUES (2)"])
+        self.assertIn("nowhere", str(caught.exception))
         self.assertEqual((await session.query("SELECT count(*) FROM t")).rows, [(0,)])
 
     async def test_ephemeral_only_has_no_persistent_database(self) -> None:
         session = await self.open(ephemeral_only=True)
         self.assertIsNone(session.persistent_db)
-        with self.assertRaises(Exception):
+        # No database of that name: not merely a missing table.
+        with self.assertRaises(psycopg.errors.InvalidSchemaName) as caught:
             await session.query("SELECT 1 FROM persistent.public.anything")
+        self.assertIn("persistent", str(caught.exception))
         self.assertFalse((self.tmp / "persistent.hyper").exists())
 
 
