@@ -30,16 +30,19 @@ from __future__ import annotations
 import os
 import secrets
 import signal
+import socket
 from pathlib import Path
 from typing import Any, Callable
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet import defer, error
+from twisted.internet.interfaces import IReadDescriptor
 from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from . import peeruid, pgwire
 from .config import HYPERD_USER
@@ -169,6 +172,55 @@ class _CallbackFactory(Factory):
             return None
         self.protocol_instance = _CallbackProtocol(self.received)
         return self.protocol_instance
+
+
+@implementer(IReadDescriptor)
+class _CallbackListener:
+    """
+    Listens on 127.0.0.1 for C{hyperd}'s callback connection and hands each
+    one to C{factory}.  Not C{listenTCP}: its port logs C{... starting on
+    PORT} and C{(TCP Port PORT Closed)} at every C{hyperd} start, whatever the
+    factory's C{noisy}, which tells a person reading the log nothing.
+    """
+
+    def __init__(self, reactor: Any, factory: Factory) -> None:
+        self._reactor = reactor
+        self._factory = factory
+        self._socket = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            self._socket.bind(("127.0.0.1", 0))
+            self._socket.listen(1)
+            self._socket.setblocking(False)
+        except BaseException:
+            self._socket.close()
+            raise
+        self.port: int = self._socket.getsockname()[1]
+        reactor.addReader(self)
+
+    def fileno(self) -> int:
+        return self._socket.fileno()
+
+    def logPrefix(self) -> str:
+        return "hyperd-callback"
+
+    def doRead(self) -> None:
+        try:
+            connection, _ = self._socket.accept()
+        except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+            return
+        with connection:
+            connection.setblocking(False)
+            # The reactor takes a duplicate of the descriptor.
+            self._reactor.adoptStreamConnection(connection.fileno(), socket.AF_INET,
+                                                self._factory)
+
+    def connectionLost(self, reason: Failure) -> None:
+        self.stopListening()
+
+    def stopListening(self) -> None:
+        if self._socket.fileno() != -1:
+            self._reactor.removeReader(self)
+            self._socket.close()
 
 
 class _HyperdProcess(ProcessProtocol):
@@ -450,13 +502,13 @@ class HyperdSupervisor(Service):
     async def _start(self, generation: int) -> HyperdInstance:
         password = None if self._compat else secrets.token_urlsafe(24)
         callback = _CallbackFactory()
-        listener = self._reactor.listenTCP(0, callback, interface="127.0.0.1")
+        listener = _CallbackListener(self._reactor, callback)
         process = _HyperdProcess()
         try:
             args = [
                 str(self._executable),
                 "run",
-                f"--callback-connection=tab.tcp://127.0.0.1:{listener.getHost().port}",
+                f"--callback-connection=tab.tcp://127.0.0.1:{listener.port}",
                 "--listen-connection=tab.tcp://127.0.0.1:0",
                 f"--init-user={HYPERD_USER}",
                 "--skip-license",

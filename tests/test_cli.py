@@ -19,6 +19,7 @@ from hyperdaemon.cli import describe
 from support import (
     QUICK,
     DaemonProcess,
+    ask,
     free_port,
     pid_alive,
     port_is_free,
@@ -337,6 +338,35 @@ class RunTests(CliTestCase):
         # Refused before a daemon was looked for, or spawned.
         self.assertTrue(port_is_free(int(self.range.split("-")[0])))
         self.assertFalse((self.state / "daemon.json").exists())
+
+    def assert_only_own_events(self, log: str, what: str) -> None:
+        """Every line of C{log} is an event of ours: no Twisted chatter about ports."""
+        for line in log.splitlines():
+            # "2026-11-30T05:51:44+0000 [hyperdaemon.daemon#info] ..."
+            namespace = line.partition(" [")[2].partition("#")[0]
+            self.assertTrue(namespace.startswith("hyperdaemon."), f"{what}: {line!r}\n{log}")
+
+    def test_starting_hyperd_logs_what_a_person_needs_only(self) -> None:
+        daemon = DaemonProcess(self.state, None, "--idle-timeout", "0", env=self.env).start()
+        self.addCleanup(daemon.kill)
+        daemon.wait_ready()
+        self.assertEqual(ask(daemon.port, "STOP"), ["STOPPING"])
+        self.assertEqual(daemon.wait_exit(), 0)
+        for what, log in (("stderr", daemon.output()),
+                          ("daemon.log", (self.state / "logs" / "daemon.log").read_text())):
+            # From the health port's bind (which twisted logs on its own, once) to the
+            # shutdown, which closes it: hyperd's start.
+            start = log.partition("answering on 127.0.0.1")[2].partition("\n")[2]
+            start = start.partition("stopping: STOP command")[0]
+            self.assertIn("] hyperd[", start)
+            self.assert_only_own_events(start.rpartition("\n")[0], what)
+        for flags in (["--ephemeral-only"], ["--no-daemon", "--ephemeral-only"]):
+            result = self.cli(*flags)  # stdin is closed: it serves nothing and exits
+            self.assertEqual(result.returncode, 0, result.stderr)
+            self.assert_only_own_events(result.stderr, f"hyperdb-mcp {' '.join(flags)}")
+        self.assertIn("] hyperd[", result.stderr)  # the private hyperd's start is logged
+        stop = self.cli("daemon", "stop")
+        self.assertEqual(stop.returncode, 0, stop.stderr)
 
     def test_mcp_server_bad_flag(self) -> None:
         result = self.cli("--read-onyl")
