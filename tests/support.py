@@ -308,3 +308,26 @@ def kill_processes(pids: dict[int, str]) -> None:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def fork_reporting(serve: Callable[[int], None], uid: int | None = None) -> tuple[int, int]:
+    """
+    Fork a child that drops to C{uid} (if given; the tests run as root) and
+    runs C{serve(report_fd)}, reporting to the test through a pipe.
+
+    @return: the child's pid and the read end of its pipe.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        try:
+            os.close(read_end)
+            if uid is not None:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+            serve(write_end)
+        finally:
+            os._exit(1)
+    os.close(write_end)
+    return pid, read_end

@@ -36,6 +36,7 @@ from support import (
     READY_TIMEOUT,
     DaemonProcess,
     client_environment,
+    fork_reporting,
     free_port,
     pid_alive,
     status,
@@ -111,18 +112,7 @@ class OtherUsersDaemon:
     # -- the test's side --------------------------------------------------------
 
     def start(self) -> "OtherUsersDaemon":
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            try:
-                os.close(read_end)
-                os.setgroups([])
-                os.setgid(self.uid)
-                os.setuid(self.uid)
-                self._serve(write_end)
-            finally:
-                os._exit(1)
-        os.close(write_end)
+        pid, read_end = fork_reporting(self._serve, self.uid)
         self.pid = pid
         self._reader = threading.Thread(target=self._read, args=(read_end,), daemon=True)
         self._reader.start()

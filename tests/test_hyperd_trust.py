@@ -17,7 +17,7 @@ import pytest
 
 from hyperdaemon import peeruid
 from hyperdaemon.session import Credentials, SessionError, connect_hyperd
-from support import QUICK, free_port, pid_alive, wait_for
+from support import QUICK, fork_reporting, free_port, pid_alive, wait_for
 
 NOBODY = 65534
 SSL_REQUEST, GSSENC_REQUEST = 80877103, 80877104
@@ -75,19 +75,7 @@ class FakeHyperd:
             os.write(report, (kind + body).hex().encode() + b"\n")
 
     def start(self) -> "FakeHyperd":
-        read_end, write_end = os.pipe()
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child
-            try:
-                os.close(read_end)
-                if self.uid is not None:
-                    os.setgroups([])
-                    os.setgid(self.uid)
-                    os.setuid(self.uid)
-                self._serve(write_end)
-            finally:
-                os._exit(1)
-        os.close(write_end)
+        pid, read_end = fork_reporting(self._serve, self.uid)
         self.pid = pid
         events: list[str] = []
         self._reader = threading.Thread(target=self._read, args=(read_end, events), daemon=True)
