@@ -61,8 +61,9 @@ from .supervisor import HyperdInstance, HyperdSupervisor
 _log = Logger()
 
 #: Version of the session commands this daemon speaks (1: SESSION, READY,
-#: BYE; 2: RELEASE too); clients look for it in STATUS before they rely on them.
-SESSION_PROTOCOL = 2
+#: BYE; 2: RELEASE too; 3: NAME too); clients look for it in STATUS before they
+#: rely on them.
+SESSION_PROTOCOL = 3
 
 
 def _own_daemon_among(ports: tuple[int, ...]) -> int | None:
@@ -526,6 +527,13 @@ class DaemonService(MultiService):
         ready = self.when_ready()
         ready.addCallback(lambda facts: {"id": session.id, **facts})
         return session.id, ready
+
+    def rename_session(self, session_id: str, name: str | None) -> None:
+        for session in self.sessions:
+            if session.id == session_id:
+                _log.info("session {id} is now called {name}", id=session_id, name=name or "")
+                session.name = name
+                return
 
     def end_session(self, session_id: str, clean: bool) -> None:
         session = self.sessions.detach(session_id)

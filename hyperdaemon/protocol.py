@@ -65,6 +65,25 @@ class HealthTarget(Protocol):
     def when_ready(self) -> Deferred[dict[str, Any]]:
         """C{hyperd}'s credentials, once it is ready (C{READY})."""
 
+    def rename_session(self, session_id: str, name: str | None) -> None:
+        """The session's client gave it a new label (C{NAME})."""
+
+
+#: The longest label a session may carry (C{SESSION}'s and C{NAME}'s C{name}).
+MAX_SESSION_NAME = 200
+
+
+def session_name(value: object) -> str | None:
+    """
+    A session's label as sent in C{NAME}: a string of at most
+    L{MAX_SESSION_NAME} characters, or C{None} for none.
+
+    @raise ValueError: for anything else (the message says what is allowed).
+    """
+    if value is None or (isinstance(value, str) and len(value) <= MAX_SESSION_NAME):
+        return value
+    raise ValueError(f'"name" must be a string of at most {MAX_SESSION_NAME} characters')
+
 
 #: Decides whether the peer of a transport may use more than C{PING}.
 Authorizer = Callable[[ITransport], bool]
@@ -302,6 +321,27 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
                 other.sendLine(line)
         return "OK"
 
+    def cmd_NAME(self, argument: str) -> str:
+        """
+        Relabel this connection's session (C{{"name": ...}}): a client that
+        registered before it knew what to call itself (an MCP server learns
+        its client's name only after it has opened its session).
+        """
+        if self.session_id is None:
+            return "ERR NAME needs a session on this connection: send SESSION first"
+        try:
+            fields = json.loads(argument)
+        except ValueError:
+            fields = None
+        if not isinstance(fields, dict) or "name" not in fields:
+            return 'ERR NAME takes a JSON object with "name"'
+        try:
+            name = session_name(fields["name"])
+        except ValueError as e:
+            return f"ERR {e}"
+        self._target.rename_session(self.session_id, name)
+        return "OK"
+
     def _releasers(self) -> set["HealthProtocol"]:
         factory = getattr(self, "factory", None)
         return factory.releasers if factory is not None else set()
@@ -317,6 +357,7 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         "READY": cmd_READY,
         "BYE": cmd_BYE,
         "RELEASE": cmd_RELEASE,
+        "NAME": cmd_NAME,
     }
 
 

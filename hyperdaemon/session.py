@@ -64,6 +64,8 @@ CREDENTIALS_TIMEOUT = 120.0
 CONNECT_ATTEMPTS = 3
 #: The session protocol that relays RELEASE requests between sessions.
 RELEASE_PROTOCOL = 2
+#: The session protocol that lets a session change its name (NAME).
+NAME_PROTOCOL = 3
 #: SQL aliases of the session's databases.
 EPHEMERAL_ALIAS = "local"
 PERSISTENT_ALIAS = "persistent"
@@ -213,6 +215,9 @@ class HyperdSource(Protocol):
 
     def request_release(self, path: str) -> None:
         """Ask the other sessions to let go of C{path} (L{hyperdaemon.sharedfiles})."""
+
+    def rename(self, name: str) -> defer.Deferred[None]:
+        """Label the session C{name} where it is listed (C{daemon status})."""
 
     #: Called (on the reactor) with a path another session asks us to let go of.
     on_release: Callable[[str], None] | None
@@ -369,6 +374,25 @@ class DaemonLink:
 
     def cleans_up_after_us(self) -> bool:
         return self._daemon_knows_ephemeral and not self._legacy
+
+    def rename(self, name: str) -> defer.Deferred[None]:
+        """
+        Send C{NAME} on the session's connection, if the daemon speaks it;
+        a later C{SESSION} (after a reconnection) carries the name anyway.
+        A refusal is logged: the name is only a label.
+        """
+        self._name = name
+        protocol, address = self._protocol, self.address
+        if (protocol is None or self._legacy or address is None
+                or (address.session_protocol or 0) < NAME_PROTOCOL):
+            return defer.succeed(None)
+
+        def answered(line: str) -> None:
+            if line != "OK":
+                _log.warn("the daemon did not take our new name: {line}", line=line)
+
+        d = protocol.ask("NAME " + json.dumps({"name": name}))
+        return d.addCallbacks(answered, lambda _: None)
 
     def close(self, clean: bool = True) -> defer.Deferred[None]:
         self._closing = True
@@ -532,6 +556,9 @@ class PrivateHyperd:
 
     def cleans_up_after_us(self) -> bool:
         return False
+
+    def rename(self, name: str) -> defer.Deferred[None]:
+        return defer.succeed(None)  # listed nowhere
 
     def close(self, clean: bool = True) -> defer.Deferred[None]:
         d = defer.maybeDeferred(self._supervisor.stopService) if self._supervisor.running \
@@ -1106,6 +1133,23 @@ class Session:
                 shared.close()
 
         return self.call(detach, writes=False)
+
+    def rename(self, name: str) -> defer.Deferred[None]:
+        """
+        Change the name the daemon lists this session under (C{daemon
+        status}), e.g. once the program knows who it serves.  Does nothing
+        with C{no_daemon} or a daemon too old to rename sessions.  Fires
+        once the daemon has answered; never fails.
+
+        @raise ValueError: if C{name} is not a string of at most 200
+            characters.
+        """
+        from .protocol import MAX_SESSION_NAME
+
+        if not isinstance(name, str) or len(name) > MAX_SESSION_NAME:
+            raise ValueError(f"a session's name is a string of at most {MAX_SESSION_NAME} "
+                             f"characters")
+        return self._source.rename(name)
 
     @property
     def attached_files(self) -> dict[str, Path]:

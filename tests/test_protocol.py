@@ -597,3 +597,65 @@ class SessionCommandTests(HealthProtocolTestsMixin, SynchronousTestCase):
         self.assertEqual(self.exchange(proto, transport, b'SESSION {"pid": 1}\n'),
                          b"ERR forbidden\n")
         self.assertEqual(self.target.calls, [])
+
+
+class NamingTarget(FakeTarget):
+    """A L{FakeTarget} that also records C{NAME}."""
+
+    def rename_session(self, session_id: str, name: str | None) -> None:
+        self.calls.append(f"rename {session_id} {name}")
+
+
+class NameCommandTests(HealthProtocolTestsMixin, SynchronousTestCase):
+    """NAME relabels the connection's session; bad input changes nothing."""
+
+    def connect(self, allowed: bool = True) -> tuple[HealthProtocol, StringTransport]:
+        self.clock = Clock()
+        self.target = NamingTarget()
+        self.authorize = FakeAuthorizer(allowed)
+        self.factory = HealthFactory(self.target, self.authorize)
+        return self.open_connection()
+
+    def renames(self) -> list[str]:
+        return [call for call in self.target.calls if call.startswith("rename")]
+
+    def test_name_relabels_the_connections_session(self) -> None:
+        proto, transport = self.connect()
+        self.exchange(proto, transport, b'SESSION {"pid": 1, "name": "hyperdb-mcp"}\n')
+        self.assertEqual(self.exchange(proto, transport, b'NAME {"name": "claude-code"}\n'),
+                         b"OK\n")
+        self.assertEqual(self.exchange(proto, transport, 'NAME {"name": "東京 ✓"}\n'.encode()),
+                         b"OK\n")
+        self.assertEqual(self.exchange(proto, transport, b'NAME {"name": null}\n'), b"OK\n")
+        self.assertEqual(self.renames(),
+                         ["rename s1 claude-code", "rename s1 東京 ✓", "rename s1 None"])
+
+    def test_name_without_a_session_is_an_error(self) -> None:
+        proto, transport = self.connect()
+        self.assertEqual(self.exchange(proto, transport, b'NAME {"name": "x"}\n'),
+                         b"ERR NAME needs a session on this connection: send SESSION first\n")
+        self.exchange(proto, transport, b'SESSION {"pid": 1}\n')
+        self.exchange(proto, transport, b"BYE\n")
+        self.assertTrue(self.exchange(proto, transport, b'NAME {"name": "x"}\n')
+                        .startswith(b"ERR NAME needs a session"))
+        self.assertEqual(self.renames(), [])
+        self.assertFalse(transport.disconnecting)
+
+    def test_a_name_of_the_wrong_type_or_too_long_is_an_error(self) -> None:
+        proto, transport = self.connect()
+        self.exchange(proto, transport, b'SESSION {"pid": 1}\n')
+        too_long = json.dumps({"name": "x" * 201}).encode()
+        for line in (b'NAME {"name": 42}', b'NAME {"name": ["a"]}', b'NAME {"name": {}}',
+                     b"NAME " + too_long):
+            self.assertEqual(self.exchange(proto, transport, line + b"\n"),
+                             b'ERR "name" must be a string of at most 200 characters\n', line)
+        for line in (b"NAME", b"NAME {nope", b'NAME ["x"]', b'NAME {"label": "x"}',
+                     b'NAME "x"'):
+            self.assertEqual(self.exchange(proto, transport, line + b"\n"),
+                             b'ERR NAME takes a JSON object with "name"\n', line)
+        self.assertEqual(self.renames(), [])
+        # Exactly 200 characters is fine; the connection was usable all along.
+        self.assertEqual(self.exchange(
+            proto, transport, b"NAME " + json.dumps({"name": "y" * 200}).encode() + b"\n"),
+            b"OK\n")
+        self.assertEqual(self.renames(), ["rename s1 " + "y" * 200])
