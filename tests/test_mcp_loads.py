@@ -118,8 +118,8 @@ class InferenceTests(LoadTestCase):
         expected = {"id": "BIGINT", "day": "DATE", "at": "TIMESTAMP", "at_utc": "TIMESTAMPTZ"}
         later = ("SELECT day + 1, at + INTERVAL '1 hour', "
                  "CAST(at_utc AT TIME ZONE 'UTC' AS TEXT) FROM {} ORDER BY id")
-        answer = [["2024-02-01", "2024-01-31 11:00:00", "2024-01-31 10:00:00"],
-                  ["2024-03-01", "2024-03-01 00:59:59.500000", "2024-02-29 21:59:59"]]
+        answer = [["2024-02-01", "2024-01-31T11:00:00", "2024-01-31 10:00:00"],
+                  ["2024-03-01", "2024-03-01T00:59:59.500000", "2024-02-29 21:59:59"]]
 
         async def go() -> None:
             async with self.server() as s:

@@ -1,7 +1,9 @@
 """
-The MCP tools' SQL checks: the read-only classifier on its own, and the
-rolled-back transaction behind it on the real hyperd (a private one, no
-daemon), with the parser bypassed so that only that wall stands.
+The MCP tools' pure pieces and SQL checks: the read-only classifier, result
+values, batch planning, one-shot names, export and merge options on their
+own; and the rolled-back transaction behind the classifier on the real
+hyperd (a private one, no daemon), with the parser bypassed so that only
+that wall stands.
 """
 
 from __future__ import annotations
@@ -14,7 +16,11 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hyperdaemon import tools
 from hyperdaemon.session import Session
-from hyperdaemon.tools import ReadOnlyCheck, Tools, ToolFailure, check_read_only, statement_count
+from hyperdaemon.tools import (
+    CELL_CAP, ReadOnlyCheck, Tools, ToolFailure, batch_role, check_read_only, copy_options,
+    json_value, merge_keys, one_shot_names, parse_hyper_array, plan_batch, shape_result,
+    statement_count,
+)
 from support import client_environment
 
 #: Statements that only read, some of them full of words that write.
@@ -226,3 +232,142 @@ class WallTests(TestCase):
         self.assertEqual(len((await t.query("SHOW schema_search_path"))["rows"]), 1)
         self.assertEqual((await t.query_data("a\n1\n2\n", "SELECT sum(a) AS copy FROM data;"))
                          ["rows"], [[3]])
+
+
+class ValueTests(SynchronousTestCase):
+    def test_values_json_lacks_become_strings_and_the_rest_stays_exact(self) -> None:
+        import datetime
+        import decimal
+        import json
+
+        values = [None, True, 7, 0.1 + 0.2, float("nan"), float("inf"), float("-inf"),
+                  decimal.Decimal("12345678901234567890.12"), b"ab", "東京",
+                  datetime.date(2024, 2, 29), datetime.datetime(2024, 1, 2, 3, 4, 5),
+                  datetime.time(10, 11, 12), [1, None, float("nan")]]
+        converted = [json_value(v) for v in values]
+        self.assertEqual(converted, [
+            None, True, 7, 0.30000000000000004, "NaN", "Infinity", "-Infinity",
+            "12345678901234567890.12", "\\x6162", "東京", "2024-02-29", "2024-01-02T03:04:05",
+            "10:11:12", [1, None, "NaN"]])
+        json.dumps(converted, allow_nan=False)  # strict JSON: raises on NaN
+
+    def test_text_over_the_cap_is_cut_and_each_cut_cell_listed(self) -> None:
+        long, longer = "x" * (CELL_CAP + 1), "y" * (CELL_CAP * 2)
+        result = shape_result(["a", "b"], [("short", long), (["z", longer], None)])
+        self.assertEqual(result["rows"], [["short", "x" * CELL_CAP],
+                                          [["z", "y" * CELL_CAP], None]])
+        self.assertEqual(result["cut_cells"], [
+            {"row": 0, "column": "b", "length": CELL_CAP + 1},
+            {"row": 1, "column": "a", "length": CELL_CAP * 2}])
+        self.assertIn(f"substring(column FROM {CELL_CAP + 1}", result["cut_note"])
+        self.assertNotIn("cut_cells", shape_result(["a"], [("x" * CELL_CAP,)]))
+
+    def test_hypers_array_text_is_read_element_by_element(self) -> None:
+        self.assertEqual(parse_hyper_array("[1,2,3]"), ["1", "2", "3"])
+        self.assertEqual(parse_hyper_array("[]"), [])
+        self.assertEqual(parse_hyper_array(r'["a",NULL,"b \"c\"","NULL","x,y","\\"]'),
+                         ["a", None, 'b "c"', "NULL", "x,y", "\\"])
+        self.assertEqual(parse_hyper_array("[[1,2],[3]]"), [["1", "2"], ["3"]])
+        for bad in ["", "{1,2}", "[1,2", '["a]', "[1,,2]", "[1]x"]:
+            with self.assertRaises(ValueError, msg=bad):
+                parse_hyper_array(bad)
+
+
+class BatchPlanTests(SynchronousTestCase):
+    def test_creates_then_changes_to_rows_make_a_batch(self) -> None:
+        plan = plan_batch(["CREATE TABLE a (x int)", "CREATE TEMPORARY TABLE b AS SELECT 1",
+                           "CREATE TABLE IF NOT EXISTS persistent.public.c (x int)",
+                           "INSERT INTO a VALUES (1)", "UPDATE a SET x = 2", "DELETE FROM a",
+                           "TRUNCATE a", "COPY a FROM '/tmp/a.csv' WITH (FORMAT csv)",
+                           "SELECT * FROM a"])
+        self.assertEqual(plan.creates, ["a", "pg_temp.b", "persistent.public.c"])
+
+    def test_what_rollback_cannot_undo_runs_only_alone(self) -> None:
+        for statement, word in [("DROP TABLE a", "DROP"),
+                                ("ALTER TABLE a ADD COLUMN y int", "ALTER"),
+                                ("CREATE SCHEMA s", "CREATE SCHEMA"),
+                                ("COPY a TO '/tmp/a.csv'", "COPY ... TO"),
+                                ("SELECT * INTO b FROM a", "SELECT ... INTO"),
+                                ("SET schema_search_path = 'x'", "SET"),
+                                ("VACUUM", "VACUUM")]:
+            self.assertEqual(batch_role(statement)[0], "other", statement)
+            self.assertEqual(plan_batch([statement]).creates, [])
+            with self.assertRaises(ToolFailure) as caught:
+                plan_batch(["INSERT INTO a VALUES (1)", statement])
+            self.assertIn(f"sql item 2 ({word}", str(caught.exception))
+            self.assertIn("own execute call", str(caught.exception))
+
+    def test_a_create_after_a_change_to_rows_is_refused(self) -> None:
+        with self.assertRaises(ToolFailure) as caught:
+            plan_batch(["CREATE TABLE a (x int)", "INSERT INTO a VALUES (1)",
+                        "CREATE TABLE b (x int)"])
+        self.assertIn("sql item 3 (CREATE TABLE) comes after item 2", str(caught.exception))
+
+    def test_empty_and_doubled_items_are_refused(self) -> None:
+        for statements, needle in [([], "the list is empty"), (["  "], "holds no statement"),
+                                   (["SELECT 1; SELECT 2"], "holds 2 statements"),
+                                   (["INSERT INTO a VALUES (1)", "-- nothing"],
+                                    "sql item 2 holds no statement")]:
+            with self.assertRaises(ToolFailure) as caught:
+                plan_batch(statements)
+            self.assertIn(needle, str(caught.exception))
+
+
+class OneShotNameTests(SynchronousTestCase):
+    def test_the_names_the_sql_uses_are_made_as_hyper_looks_them_up(self) -> None:
+        names = ("Orders", "data")
+        self.assertEqual(one_shot_names("SELECT * FROM orders", names), ["orders"])
+        self.assertEqual(one_shot_names("SELECT * FROM ORDERS", names), ["orders"])
+        self.assertEqual(one_shot_names('SELECT * FROM "Orders"', names), ["Orders"])
+        self.assertEqual(one_shot_names("SELECT * FROM data", names), ["data"])
+        self.assertEqual(
+            one_shot_names("SELECT * FROM orders o JOIN data d USING (id)", names),
+            ["orders", "data"])
+        # A name in another database is not the one-shot table: none is named,
+        # so every name is made.
+        self.assertEqual(one_shot_names("SELECT * FROM persistent.public.data", names),
+                         ["orders", "data"])
+        # EXPLAIN is not parsed into tables: every name is made.
+        self.assertEqual(one_shot_names("EXPLAIN SELECT * FROM orders", names),
+                         ["orders", "data"])
+        self.assertEqual(one_shot_names("SELECT 1", ("my file",)), ["my file"])
+
+
+class OptionTests(SynchronousTestCase):
+    def test_export_options_become_copys_and_unknown_ones_are_refused(self) -> None:
+        self.assertEqual(copy_options("csv", None), "FORMAT csv, HEADER true")
+        self.assertEqual(copy_options("csv", {"delimiter": ";", "header": False, "null": "NA",
+                                              "quote": "'"}),
+                         "FORMAT csv, HEADER false, DELIMITER ';', QUOTE '''', NULL 'NA'")
+        self.assertEqual(copy_options("csv", '{"delimiter": "\\t"}'),
+                         "FORMAT csv, HEADER true, DELIMITER '\t'")
+        self.assertEqual(copy_options("parquet", {"codec": "ZSTD", "rows_per_row_group": 5}),
+                         "FORMAT parquet, CODEC 'zstd', ROWS_PER_ROW_GROUP 5")
+        self.assertEqual(copy_options("hyper", {}), "")
+        for fmt, options, needle in [
+            ("csv", {"codec": "zstd"}, "format 'csv' has no option 'codec'"),
+            ("hyper", {"header": True}, "it takes none"),
+            ("csv", {"delimiter": ""}, "one character"),
+            ("csv", {"delimiter": "é"}, "one character"),
+            ("csv", {"header": 1}, "true or false"),
+            ("parquet", {"codec": "brotli"}, "snappy, zstd, gzip, uncompressed"),
+            ("parquet", {"rows_per_row_group": 0}, "above 0"),
+            ("csv", "[1]", "give an object"),
+            ("csv", "{nope", "not a JSON object"),
+        ]:
+            with self.assertRaises(ToolFailure) as caught:
+                copy_options(fmt, options)
+            self.assertTrue(str(caught.exception).startswith("format_options: "))
+            self.assertIn(needle, str(caught.exception))
+
+    def test_merge_key_goes_with_mode_merge_only(self) -> None:
+        self.assertEqual(merge_keys("merge", "id"), ["id"])
+        self.assertEqual(merge_keys("merge", ["day", "city", "day"]), ["day", "city"])
+        self.assertEqual(merge_keys("replace", None), [])
+        for mode, key, needle in [("merge", None, "needs the column(s)"),
+                                  ("merge", [], "needs the column(s)"),
+                                  ("merge", ["id", 3], "needs the column(s)"),
+                                  ("append", "id", "only with mode='merge'")]:
+            with self.assertRaises(ToolFailure) as caught:
+                merge_keys(mode, key)
+            self.assertIn(needle, str(caught.exception))
