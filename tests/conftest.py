@@ -1,5 +1,16 @@
 """
-Test-session safety nets.
+Test-session safety nets, and the one reactor of the run.
+
+pytest-twisted runs one reactor (Twisted's default) for the whole session:
+it is never restarted between tests, so its signal handlers, and with them
+the reaping of child processes, stay as they are in production.  Asynchronous
+tests and fixtures go through C{pytest_twisted.ensureDeferred} (or
+C{inlineCallbacks} and C{async_yield_fixture}); each such test is bounded in
+time (L{ASYNC_TEST_TIMEOUT}, or C{@pytest.mark.deadline(seconds)}).
+
+After every test, L{clean_reactor} fails it if it left delayed calls,
+selectables (listening ports, connections, process pipes) or child processes
+of the reactor behind, as trial's dirty-reactor check did.
 
 Every process the tests start inherits a marker variable; when the session
 ends, any such process still alive (a daemon, a hyperd, twistd) fails the
@@ -10,10 +21,16 @@ touch ~/.hyperdb, the user's persistent database, or 7485-7500.
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import uuid
+from typing import Any, Iterator
 
 import pytest
+import pytest_twisted
+from twisted.internet import defer, interfaces
+from twisted.internet.task import deferLater
 
 from support import MARKER, leaked_processes, kill_processes
 
@@ -21,6 +38,119 @@ os.environ[MARKER] = uuid.uuid4().hex
 os.environ.pop("HYPERDB_DAEMON_PORT", None)
 os.environ.pop("HYPERD_PATH", None)
 os.environ.pop("HYPERDB_DAEMON_IDLE_TIMEOUT", None)
+
+#: How long an asynchronous test may run, unless it is marked otherwise (as
+#: trial's default timeout was).
+ASYNC_TEST_TIMEOUT = 120.0
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "deadline(seconds): an asynchronous test fails if it is still running after this "
+        f"many seconds (default {ASYNC_TEST_TIMEOUT:g})",
+    )
+    _run_trial_cases_on_the_session_reactor()
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Bound every asynchronous test in time (it can wait for a reactor event forever)."""
+    for item in items:
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+            marker = item.get_closest_marker("deadline")
+            seconds = float(marker.args[0]) if marker else ASYNC_TEST_TIMEOUT
+            item.obj = _bounded(item.obj, seconds, item.name)
+
+
+def _bounded(test: Any, seconds: float, name: str) -> Any:
+    @functools.wraps(test)
+    async def bounded(**kwargs: Any) -> Any:
+        from twisted.internet import reactor
+
+        running = defer.ensureDeferred(test(**kwargs))
+        running.addTimeout(seconds, reactor)
+        try:
+            return await running
+        except defer.TimeoutError:
+            pytest.fail(f"{name} was still running after {seconds:g} s "
+                        "(if it needs longer, mark it with @pytest.mark.deadline)")
+
+    return pytest_twisted.ensureDeferred(bounded)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def running_reactor() -> None:
+    """Start the session's reactor before the first test, with its signal handlers."""
+    from twisted.internet import reactor
+
+    pytest_twisted.blockon(deferLater(reactor, 0, lambda: None))
+
+
+@pytest.fixture(autouse=True)
+def clean_reactor(running_reactor: None) -> Iterator[None]:
+    """
+    Fail a test that leaves delayed calls, selectables (listening ports,
+    connections, process pipes) or child processes of the reactor behind;
+    what it left is cancelled, removed or killed, so that the next test starts
+    clean.
+    """
+    from twisted.internet import reactor
+
+    before = _reactor_contents(reactor)
+    yield
+    left = _left_behind(reactor, before)
+    if any(left.values()):
+        # What is due now runs first, as trial's check let it: a closed
+        # connection leaves the reactor on its next turn.
+        for _ in range(2):
+            pytest_twisted.blockon(deferLater(reactor, 0, lambda: None))
+        left = _left_behind(reactor, before)
+    if not any(left.values()):
+        return
+    what = "; ".join(f"{kind}: {', '.join(map(repr, things))}"
+                     for kind, things in left.items() if things)
+    for call in left["delayed calls"]:
+        call.cancel()
+    for selectable in left["selectables"]:
+        reactor.removeReader(selectable)
+        reactor.removeWriter(selectable)
+    for process in left["processes"]:
+        process.signalProcess("KILL")
+    pytest.fail("the test left the reactor dirty (await what it starts, or end it in a "
+                f"fixture): {what}", pytrace=False)
+
+
+def _reactor_contents(reactor: Any) -> dict[str, set[Any]]:
+    from twisted.internet.process import reapProcessHandlers
+
+    return {
+        "delayed calls": {call for call in reactor.getDelayedCalls() if call.active()},
+        "selectables": set(reactor.getReaders()) | set(reactor.getWriters()),
+        "processes": {process for process in reapProcessHandlers.values()
+                      if interfaces.IProcessTransport.providedBy(process)},
+    }
+
+
+def _left_behind(reactor: Any, before: dict[str, set[Any]]) -> dict[str, set[Any]]:
+    return {kind: things - before[kind] for kind, things in _reactor_contents(reactor).items()}
+
+
+def _run_trial_cases_on_the_session_reactor() -> None:
+    """
+    Let trial's asynchronous C{TestCase}s that are not moved to pytest-twisted
+    yet (tests/test_tools.py, tests/test_tools_infer.py) run on the session's
+    reactor: trial would run and crash a reactor of its own, which cannot be
+    done to a running one.  They wait through pytest-twisted instead, and
+    L{clean_reactor} checks them in place of trial's janitor.
+    """
+    from twisted.trial import unittest, util
+
+    def wait(self: unittest.TestCase, d: defer.Deferred[Any], running: object = None) -> None:
+        pytest_twisted.blockon(d)
+
+    unittest.TestCase._wait = wait  # type: ignore[method-assign]
+    util._Janitor.postCaseCleanup = lambda self: True  # type: ignore[method-assign]
+    util._Janitor.postClassCleanup = lambda self: None  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session", autouse=True)

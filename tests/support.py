@@ -48,7 +48,7 @@ def free_port() -> int:
 
 
 async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """L{wait_for} for trial tests: waits without blocking the reactor."""
+    """L{wait_for} for asynchronous tests: waits without blocking the reactor."""
     from twisted.internet import reactor
     from twisted.internet.task import deferLater
 

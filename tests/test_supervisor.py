@@ -10,14 +10,14 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Iterator
 
+import attrs
 import pytest
+import pytest_twisted
 from twisted.internet import reactor
-from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.logger import globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.logger import formatEvent, globalLogPublisher
 
 from hyperdaemon.config import hyperd_executable
 from hyperdaemon.liveness import Verdict
@@ -34,17 +34,17 @@ def query(instance: HyperdInstance) -> Any:
         return conn.execute("SELECT 20 + 22").fetchone()[0]
 
 
-class SupervisorTests(TestCase):
-    timeout = 120
+@attrs.define
+class Supervised:
+    """Makes the test's supervisor, and keeps what it reports."""
 
-    @pytest.fixture(autouse=True)
-    def _tmp(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
+    tmp: Path
+    ready: list[HyperdInstance] = attrs.Factory(list)
+    gave_up: list[str] = attrs.Factory(list)
+    supervisor: HyperdSupervisor | None = None
 
     def make(self, executable: Path | None = None, budget: RestartBudget | None = None,
              compat: bool = False, hung_after: float = 30.0) -> HyperdSupervisor:
-        self.ready: list[HyperdInstance] = []
-        self.gave_up: list[str] = []
         supervisor = HyperdSupervisor(
             reactor,
             executable or hyperd_executable(os.environ),
@@ -57,134 +57,170 @@ class SupervisorTests(TestCase):
         supervisor.probe_interval = 0.2
         supervisor.hung_after = hung_after
         supervisor.startService()
-        self.addCleanup(lambda: supervisor.stopService() if supervisor.running else None)
+        self.supervisor = supervisor
         return supervisor
 
-    async def test_ready_hyperd_answers_queries(self) -> None:
-        supervisor = self.make()
-        await until(lambda: self.ready, 60, "hyperd to be ready")
-        instance = self.ready[0]
-        self.assertEqual(supervisor.state, "ready")
-        self.assertEqual(supervisor.pid, instance.pid)
-        self.assertTrue(instance.password)
-        self.assertEqual(await deferToThread(query, instance), 42)
+    async def end(self) -> None:
+        """
+        Stop the supervisor, after waking any hyperd that the test left
+        stopped; kill any that is still there then.
+        """
+        for instance in self.ready:
+            if pid_alive(instance.pid):
+                os.kill(instance.pid, signal.SIGCONT)
+        if self.supervisor is not None and self.supervisor.running:
+            await self.supervisor.stopService()
+        for instance in self.ready:
+            if pid_alive(instance.pid):
+                os.kill(instance.pid, signal.SIGKILL)
 
-    def log_lines(self) -> list[str]:
-        """The supervisor's log messages from now on."""
-        from twisted.logger import formatEvent
 
-        lines: list[str] = []
-        observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
-        globalLogPublisher.addObserver(observer)
-        self.addCleanup(globalLogPublisher.removeObserver, observer)
-        return lines
+@pytest_twisted.async_yield_fixture
+async def supervised(tmp_path: Path) -> AsyncIterator[Supervised]:
+    made = Supervised(tmp_path)
+    yield made
+    await made.end()
 
-    async def test_hung_hyperd_is_stopped_gracefully_and_replaced(self) -> None:
-        import psycopg
 
-        log = self.log_lines()
-        supervisor = self.make(hung_after=1.0)
-        await until(lambda: self.ready, 60, "hyperd to be ready")
-        hung = self.ready[0]
-        # A table that only a graceful stop writes out: the file stays attached.
-        db = self.tmp / "kept.hyper"
-        conn = await deferToThread(
-            psycopg.connect, host=hung.host, port=hung.port, user=hung.user,
-            password=hung.password, autocommit=True, connect_timeout=5,
-        )
-        self.addCleanup(conn.close)
+@pytest.fixture
+def log() -> Iterator[list[str]]:
+    """The log messages from now on."""
+    lines: list[str] = []
+    observer = lambda event: lines.append(formatEvent(event))  # noqa: E731
+    globalLogPublisher.addObserver(observer)
+    yield lines
+    globalLogPublisher.removeObserver(observer)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ready_hyperd_answers_queries(supervised: Supervised) -> None:
+    supervisor = supervised.make()
+    await until(lambda: supervised.ready, 60, "hyperd to be ready")
+    instance = supervised.ready[0]
+    assert supervisor.state == "ready"
+    assert supervisor.pid == instance.pid
+    assert instance.password
+    assert await deferToThread(query, instance) == 42
+
+
+@pytest_twisted.ensureDeferred
+async def test_hung_hyperd_is_stopped_gracefully_and_replaced(
+        supervised: Supervised, log: list[str], tmp_path: Path) -> None:
+    import psycopg
+
+    supervisor = supervised.make(hung_after=1.0)
+    await until(lambda: supervised.ready, 60, "hyperd to be ready")
+    hung = supervised.ready[0]
+    # A table that only a graceful stop writes out: the file stays attached.
+    db = tmp_path / "kept.hyper"
+    conn = await deferToThread(
+        psycopg.connect, host=hung.host, port=hung.port, user=hung.user,
+        password=hung.password, autocommit=True, connect_timeout=5,
+    )
+    with conn:
         for sql in (f'CREATE DATABASE "{db}"', f'ATTACH DATABASE "{db}" AS kept',
                     "CREATE TABLE kept.public.t AS SELECT * FROM generate_series(1, 1000) g(x)"):
             await deferToThread(conn.execute, sql)
         os.kill(hung.pid, signal.SIGSTOP)
-        self.addCleanup(lambda: pid_alive(hung.pid) and os.kill(hung.pid, signal.SIGKILL))
-        await until(lambda: len(self.ready) == 2, 30, "a replacement hyperd")
-        self.assertFalse(pid_alive(hung.pid))  # the old one is gone before the new one starts
-        self.assertIn(f"hyperd[{hung.pid}] stopped: exited with code 0", log)
-        self.assertFalse([line for line in log if "killing it" in line])
-        self.assertEqual(supervisor.restarts, 1)
-        self.assertNotEqual(self.ready[1].pid, hung.pid)
-        self.assertNotEqual(self.ready[1].password, hung.password)
+        await until(lambda: len(supervised.ready) == 2, 30, "a replacement hyperd")
+    assert not pid_alive(hung.pid)  # the old one is gone before the new one starts
+    assert f"hyperd[{hung.pid}] stopped: exited with code 0" in log
+    assert not [line for line in log if "killing it" in line]
+    assert supervisor.restarts == 1
+    assert supervised.ready[1].pid != hung.pid
+    assert supervised.ready[1].password != hung.password
 
-        def count_rows(instance: HyperdInstance) -> int:
-            with psycopg.connect(host=instance.host, port=instance.port, user=instance.user,
-                                 password=instance.password, autocommit=True,
-                                 connect_timeout=5) as c:
-                c.execute(f'ATTACH DATABASE "{db}" AS kept')
-                return c.execute("SELECT count(*) FROM kept.public.t").fetchone()[0]
+    def count_rows(instance: HyperdInstance) -> int:
+        with psycopg.connect(host=instance.host, port=instance.port, user=instance.user,
+                             password=instance.password, autocommit=True,
+                             connect_timeout=5) as c:
+            c.execute(f'ATTACH DATABASE "{db}" AS kept')
+            return c.execute("SELECT count(*) FROM kept.public.t").fetchone()[0]
 
-        self.assertEqual(await deferToThread(count_rows, self.ready[1]), 1000)
+    assert await deferToThread(count_rows, supervised.ready[1]) == 1000
 
-    async def test_briefly_stopped_hyperd_is_kept(self) -> None:
-        supervisor = self.make()
-        await until(lambda: self.ready, 60, "hyperd to be ready")
-        pid = self.ready[0].pid
-        os.kill(pid, signal.SIGSTOP)
-        self.addCleanup(lambda: pid_alive(pid) and os.kill(pid, signal.SIGCONT))
-        self.assertIs(await supervisor.check_now(), Verdict.STOPPED)
-        # Stopped for many probe intervals and longer than a probe's timeout.
-        stopped_at = time.monotonic()
-        await until(lambda: time.monotonic() - stopped_at > supervisor.probe_timeout + 1, 30,
-                    "the stop to last longer than a probe's timeout")
-        os.kill(pid, signal.SIGCONT)
-        self.assertIs(await supervisor.check_now(), Verdict.ANSWERS)
-        self.assertEqual((supervisor.pid, supervisor.restarts, len(self.ready)), (pid, 0, 1))
-        self.assertEqual(await deferToThread(query, self.ready[0]), 42)
 
-    async def test_check_now_leaves_a_healthy_hyperd_alone(self) -> None:
-        supervisor = self.make()
-        await until(lambda: self.ready, 60, "hyperd to be ready")
-        self.assertIs(await supervisor.check_now(), Verdict.ANSWERS)
-        self.assertEqual(supervisor.state, "ready")
-        self.assertEqual(supervisor.pid, self.ready[0].pid)
-        self.assertEqual((supervisor.restarts, len(self.ready)), (0, 1))
+@pytest_twisted.ensureDeferred
+async def test_briefly_stopped_hyperd_is_kept(supervised: Supervised) -> None:
+    supervisor = supervised.make()
+    await until(lambda: supervised.ready, 60, "hyperd to be ready")
+    pid = supervised.ready[0].pid
+    os.kill(pid, signal.SIGSTOP)
+    assert await supervisor.check_now() is Verdict.STOPPED
+    # Stopped for many probe intervals and longer than a probe's timeout.
+    stopped_at = time.monotonic()
+    await until(lambda: time.monotonic() - stopped_at > supervisor.probe_timeout + 1, 30,
+                "the stop to last longer than a probe's timeout")
+    os.kill(pid, signal.SIGCONT)
+    assert await supervisor.check_now() is Verdict.ANSWERS
+    assert (supervisor.pid, supervisor.restarts, len(supervised.ready)) == (pid, 0, 1)
+    assert await deferToThread(query, supervised.ready[0]) == 42
 
-    async def test_restart_budget_spent_gives_up(self) -> None:
-        supervisor = self.make(budget=RestartBudget(limit=2, window=60))
-        for n in range(1, 4):
-            await until(lambda: len(self.ready) == n, 60, f"hyperd number {n}")
-            os.kill(self.ready[-1].pid, signal.SIGKILL)
-        await until(lambda: self.gave_up, 30, "the supervisor to give up")
-        self.assertIn("giving up after 2 replacements", self.gave_up[0])
-        self.assertEqual(supervisor.state, "failed")
-        self.assertEqual(supervisor.restarts, 2)
-        for instance in self.ready:
-            await until(lambda: not pid_alive(instance.pid), 10, "every hyperd to be gone")
 
-    async def test_broken_hyperd_gives_up_at_once(self) -> None:
-        broken = self.tmp / "hyperd"
-        broken.write_text("#!/bin/sh\necho 'cannot start' >&2\nexit 3\n")
-        broken.chmod(0o755)
-        supervisor = self.make(executable=broken)
-        await until(lambda: self.gave_up, 30, "the supervisor to give up")
-        self.assertIn("exited with code 3 before it was ready", self.gave_up[0])
-        self.assertEqual(self.ready, [])
-        self.assertEqual(supervisor.restarts, 0)
+@pytest_twisted.ensureDeferred
+async def test_check_now_leaves_a_healthy_hyperd_alone(supervised: Supervised) -> None:
+    supervisor = supervised.make()
+    await until(lambda: supervised.ready, 60, "hyperd to be ready")
+    assert await supervisor.check_now() is Verdict.ANSWERS
+    assert supervisor.state == "ready"
+    assert supervisor.pid == supervised.ready[0].pid
+    assert (supervisor.restarts, len(supervised.ready)) == (0, 1)
 
-    async def test_stop_continues_a_stopped_hyperd_and_lets_it_exit(self) -> None:
-        log = self.log_lines()
-        supervisor = self.make()
-        supervisor.stop_grace = 120.0  # far beyond the bound below: no SIGKILL in time
-        await until(lambda: self.ready, 60, "hyperd to be ready")
-        pid = self.ready[0].pid
-        os.kill(pid, signal.SIGSTOP)
-        self.addCleanup(lambda: pid_alive(pid) and os.kill(pid, signal.SIGKILL))
-        stopping = supervisor.stopService()
-        await until(lambda: stopping.called, 30, "the supervisor to stop")
-        self.assertFalse(pid_alive(pid))
-        self.assertIn(f"hyperd[{pid}] stopped: exited with code 0", log)
 
-    async def test_stop_ends_hyperd(self) -> None:
-        supervisor = self.make()
-        await until(lambda: self.ready, 60, "hyperd to be ready")
-        await supervisor.stopService()
-        self.assertFalse(pid_alive(self.ready[0].pid))
-        self.assertEqual(supervisor.state, "stopped")
+@pytest_twisted.ensureDeferred
+async def test_restart_budget_spent_gives_up(supervised: Supervised) -> None:
+    supervisor = supervised.make(budget=RestartBudget(limit=2, window=60))
+    for n in range(1, 4):
+        await until(lambda: len(supervised.ready) == n, 60, f"hyperd number {n}")
+        os.kill(supervised.ready[-1].pid, signal.SIGKILL)
+    await until(lambda: supervised.gave_up, 30, "the supervisor to give up")
+    assert "giving up after 2 replacements" in supervised.gave_up[0]
+    assert supervisor.state == "failed"
+    assert supervisor.restarts == 2
+    for instance in supervised.ready:
+        await until(lambda: not pid_alive(instance.pid), 10, "every hyperd to be gone")
 
-    async def test_stop_while_starting_leaves_nothing(self) -> None:
-        supervisor = self.make()
-        await until(lambda: supervisor.pid, 10, "hyperd to be spawned")
-        pid = supervisor.pid
-        await supervisor.stopService()
-        self.assertFalse(pid_alive(pid))
-        self.assertEqual(self.ready, [])
+
+@pytest_twisted.ensureDeferred
+async def test_broken_hyperd_gives_up_at_once(supervised: Supervised, tmp_path: Path) -> None:
+    broken = tmp_path / "hyperd"
+    broken.write_text("#!/bin/sh\necho 'cannot start' >&2\nexit 3\n")
+    broken.chmod(0o755)
+    supervisor = supervised.make(executable=broken)
+    await until(lambda: supervised.gave_up, 30, "the supervisor to give up")
+    assert "exited with code 3 before it was ready" in supervised.gave_up[0]
+    assert supervised.ready == []
+    assert supervisor.restarts == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_continues_a_stopped_hyperd_and_lets_it_exit(
+        supervised: Supervised, log: list[str]) -> None:
+    supervisor = supervised.make()
+    supervisor.stop_grace = 120.0  # far beyond the bound below: no SIGKILL in time
+    await until(lambda: supervised.ready, 60, "hyperd to be ready")
+    pid = supervised.ready[0].pid
+    os.kill(pid, signal.SIGSTOP)
+    stopping = supervisor.stopService()
+    await until(lambda: stopping.called, 30, "the supervisor to stop")
+    assert not pid_alive(pid)
+    assert f"hyperd[{pid}] stopped: exited with code 0" in log
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_ends_hyperd(supervised: Supervised) -> None:
+    supervisor = supervised.make()
+    await until(lambda: supervised.ready, 60, "hyperd to be ready")
+    await supervisor.stopService()
+    assert not pid_alive(supervised.ready[0].pid)
+    assert supervisor.state == "stopped"
+
+
+@pytest_twisted.ensureDeferred
+async def test_stop_while_starting_leaves_nothing(supervised: Supervised) -> None:
+    supervisor = supervised.make()
+    await until(lambda: supervisor.pid, 10, "hyperd to be spawned")
+    pid = supervisor.pid
+    await supervisor.stopService()
+    assert not pid_alive(pid)
+    assert supervised.ready == []
