@@ -488,7 +488,8 @@ def build_server(tools: Any, name_session: Callable[[str], None] | None = None) 
                       database: DatabaseArg = None) -> Annotated[CallToolResult, Executed]:
         """
         Run SQL statements that change data or tables (CREATE, INSERT, UPDATE,
-        DELETE, DROP, ...), in order, and return how many rows they affected.
+        DELETE, DROP, ...), in order, as one batch that is applied all or
+        nothing, and return how many rows they affected.
         """
         return await call(tools.execute, sql=sql, database=database)
 
