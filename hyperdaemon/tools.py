@@ -1273,9 +1273,39 @@ def _put_in(conn: Any, staging: str, final: str, table: str, mode: str,
             _columns_have(conn, staging, keys, "the file")
             result.update(rows_updated=0, rows_inserted=rows,
                           notes=[f"table {table!r} did not exist: it was made from these rows"])
-        conn.execute(f"DROP TABLE IF EXISTS {final}")
-        conn.execute(f"ALTER TABLE {staging} RENAME TO {quote_identifier(table.split('.')[-1])}")
+        _rename_over(conn, staging, final, table.split(".")[-1])
     return result
+
+
+def _rename_over(conn: Any, staging: str, final: str, name: str) -> None:
+    """
+    Rename C{staging} to C{name} (C{final}), replacing what is there.  The
+    old table is renamed aside first and dropped only once the new one is
+    in place, so that no failure in between loses it (Hyper does not undo
+    DDL on ROLLBACK); if the rename fails, the old table is put back.
+    """
+    aside = None
+    if _exists(conn, final):
+        aside_name = f"{name}__replaced_{secrets.token_hex(4)}"
+        aside = _beside(final, aside_name)
+        conn.execute(f"ALTER TABLE {final} RENAME TO {quote_identifier(aside_name)}")
+    try:
+        conn.execute(f"ALTER TABLE {staging} RENAME TO {quote_identifier(name)}")
+    except BaseException:
+        if aside is not None:
+            conn.execute(f"ALTER TABLE {aside} RENAME TO {quote_identifier(name)}")
+        raise
+    if aside is not None:
+        conn.execute(f"DROP TABLE {aside}")
+
+
+def _beside(reference: str, name: str) -> str:
+    """The reference of table C{name} in the same schema as C{reference}."""
+    import sqlglot
+
+    table = sqlglot.parse_one(reference, into=sqlglot.exp.Table, read="postgres")
+    table.set("this", sqlglot.exp.to_identifier(name, quoted=True))
+    return table.sql(dialect="postgres")
 
 
 def _columns(conn: Any, reference: str) -> list[str]:

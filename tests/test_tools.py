@@ -371,3 +371,47 @@ class OptionTests(SynchronousTestCase):
             with self.assertRaises(ToolFailure) as caught:
                 merge_keys(mode, key)
             self.assertIn(needle, str(caught.exception))
+
+
+class ReplaceTests(TestCase):
+    """A replacing load never loses the old table, whatever fails in between."""
+
+    timeout = 180
+
+    @pytest.fixture(autouse=True)
+    def _tmp(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.state, self.ports, self.env = client_environment(tmp_path)
+
+    async def test_a_failed_rename_puts_the_old_table_back(self) -> None:
+        session = await Session.open(reactor, environ=self.env, no_daemon=True)
+        self.addCleanup(session.close)
+        await session.execute(["CREATE TABLE keep (x int)", "INSERT INTO keep VALUES (1), (2)"])
+        final = tools.table_reference("keep", "local")
+
+        def replace_from_a_staging_table_that_is_gone(conn: psycopg.Connection) -> None:
+            tools._rename_over(conn, '"local".public."gone"', final, "keep")
+
+        with self.assertRaises(psycopg.errors.UndefinedTable):
+            await session.call(replace_from_a_staging_table_that_is_gone)
+        self.assertEqual((await session.query("SELECT x FROM keep ORDER BY x")).rows,
+                         [(1,), (2,)])
+        names = [r[0] for r in (await session.query(
+            "SELECT c.relname FROM local.pg_catalog.pg_class c JOIN local.pg_catalog.pg_namespace"
+            " n ON c.relnamespace = n.oid WHERE n.nspname = 'public'")).rows]
+        self.assertEqual(names, ["keep"])
+
+    async def test_a_replace_leaves_only_the_new_table(self) -> None:
+        session = await Session.open(reactor, environ=self.env, no_daemon=True)
+        self.addCleanup(session.close)
+        for statement in ("CREATE TABLE keep (x int)", "INSERT INTO keep VALUES (1)",
+                          "CREATE TABLE staged (x int)", "INSERT INTO staged VALUES (7)"):
+            await session.execute(statement)
+        await session.call(lambda conn: tools._rename_over(
+            conn, tools.table_reference("staged", "local"),
+            tools.table_reference("keep", "local"), "keep"))
+        self.assertEqual((await session.query("SELECT x FROM keep")).rows, [(7,)])
+        names = [r[0] for r in (await session.query(
+            "SELECT c.relname FROM local.pg_catalog.pg_class c JOIN local.pg_catalog.pg_namespace"
+            " n ON c.relnamespace = n.oid WHERE n.nspname = 'public'")).rows]
+        self.assertEqual(names, ["keep"])
