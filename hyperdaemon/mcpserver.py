@@ -138,11 +138,15 @@ SQL analytics over Hyper, shared by every assistant of this user.
 ## Tools
 - query(sql, database?): one read-only statement (SELECT, WITH, VALUES, EXPLAIN,
   SHOW); results are capped at 200 rows with a note when cut.
-- execute(sql: [statements], database?): changes; several statements run in one
-  transaction (all or nothing).
+- execute(sql: [statements], database?): changes, all or nothing. In a batch,
+  CREATE TABLE statements come first, then row changes; DROP, ALTER and the like
+  go alone, one per call.
 - load_data(table, data, format?, mode?, schema?, database?, persist?): inline CSV
-  (with a header), a JSON array of objects, or JSON lines. mode: replace (default)
-  or append. persist=true loads into `persistent`.
+  (with a header), a JSON array of objects, or JSON lines, up to 64 MB (for more,
+  write a file and use load_file). mode: replace (default) or append.
+  persist=true loads into `persistent`. Types (BIGINT, DOUBLE PRECISION, BOOLEAN,
+  DATE, TIMESTAMP, TIMESTAMPTZ, TEXT) are inferred from every row; `notes` says
+  when a later row widened a column; schema={"col": "TYPE"} overrides.
 - load_file(table, path, ...): CSV, JSON/JSONL or Parquet from a file path;
   mode merge with merge_key updates matching rows and inserts the others.
 - query_data(data, sql, table_name?) / query_file(path, sql, table_name?):
@@ -158,7 +162,20 @@ SQL analytics over Hyper, shared by every assistant of this user.
 ## SQL tips
 - Hyper speaks PostgreSQL's dialect: date_trunc, window functions, CTEs, COPY.
 - Read files directly: SELECT * FROM external('/abs/path/file.parquet').
-- Errors come back as tool errors with Hyper's message and a hint.
+- Errors come back as tool errors: the parameter at fault, what was wrong, and
+  what to try.
+
+## Values
+- Floats in their shortest exact form; NaN and infinities as strings; NUMERIC as
+  an exact string; dates and times in ISO 8601; intervals as ISO durations
+  (P1DT2H); bytea as "\\x..." hex; arrays as JSON arrays.
+- Text over 2,000 characters is cut: `cut_cells` lists the cells and `cut_note`
+  says how to read the rest with substring().
+
+## Safety
+- A write to `persistent` or an attached file is on disk before the tool
+  returns: it survives a crash of the database server.
+- A load that fails leaves the table as it was.
 
 ## Results
 - Each tool's parameters are described in its input schema, and its result
