@@ -1266,7 +1266,7 @@ def _put_in(conn: Any, staging: str, final: str, table: str, mode: str,
         result.update(_merge_in(conn, staging, final, table, list(keys)))
         conn.execute(f"DROP TABLE {staging}")
     elif exists:
-        conn.execute(f"INSERT INTO {final} SELECT * FROM {staging}")
+        result.update(_append_by_name(conn, staging, final, table))
         conn.execute(f"DROP TABLE {staging}")
     else:
         if mode == "merge":
@@ -1310,6 +1310,31 @@ def _beside(reference: str, name: str) -> str:
 
 def _columns(conn: Any, reference: str) -> list[str]:
     return [c.name for c in conn.execute(f"SELECT * FROM {reference} LIMIT 0").description]
+
+
+def _append_by_name(conn: Any, staging: str, final: str, table: str) -> dict[str, Any]:
+    """
+    Append the staged rows to C{final}, column by name (never by position:
+    a file whose columns come in another order must not land in the wrong
+    ones).  Table columns the data lacks get NULL, and a note says so.
+
+    @raise ToolFailure: if the data has a column the table lacks.
+    """
+    incoming = _columns(conn, staging)
+    existing = _columns(conn, final)
+    extra = [c for c in incoming if c not in existing]
+    if extra:
+        raise ToolFailure(
+            f"mode: the data has columns that table {table!r} lacks "
+            f"({', '.join(map(repr, extra))}), so it cannot be appended; add them first with "
+            f"execute (ALTER TABLE ... ADD COLUMN), or load with mode='replace'")
+    names = ", ".join(quote_identifier(c) for c in incoming)
+    conn.execute(f"INSERT INTO {final} ({names}) SELECT {names} FROM {staging}")
+    missing = [c for c in existing if c not in incoming]
+    if missing:
+        return {"notes": [f"the data has no column {', '.join(map(repr, missing))}: "
+                          f"the appended rows have NULL there"]}
+    return {}
 
 
 def _columns_have(conn: Any, reference: str, keys: list[str], what: str) -> list[str]:

@@ -401,3 +401,32 @@ class UpstreamTests(ToolsTestCase):
                 self.assertIn("more than the 200 rows", capped["note"])
 
         self.drive(go())
+
+
+class AppendTests(ToolsTestCase):
+    def test_an_append_matches_columns_by_name_and_refuses_a_column_the_table_lacks(self) -> None:
+        swapped = self.tmp / "swapped.csv"
+        swapped.write_text("population,city\n861000,Marseille\n")
+        extra = self.tmp / "extra.csv"
+        extra.write_text("city,population,mayor\nToulouse,504000,X\n")
+
+        async def go() -> None:
+            async with self.server() as s:
+                c = lambda tool, **kw: self.call(s, tool, **kw)  # noqa: E731
+                await c("load_data", table="cities", data="city,population\nLyon,522000\n")
+                appended = await c("load_file", table="cities", path=str(swapped),
+                                   mode="append")
+                self.assertEqual(appended["rows_loaded"], 1)
+                rows = await c("query", sql="SELECT city, population FROM cities ORDER BY city")
+                self.assertEqual(rows["rows"], [["Lyon", 522000], ["Marseille", 861000]])
+                with self.assertRaises(ToolCallError) as caught:
+                    await c("load_file", table="cities", path=str(extra), mode="append")
+                self.assertIn("'mayor'", str(caught.exception))
+                self.assertIn("ALTER TABLE", str(caught.exception))
+                counted = await c("query", sql="SELECT count(*) FROM cities")
+                self.assertEqual(counted["rows"], [[2]])
+                partial = await c("load_data", table="cities", data="city\nNantes\n",
+                                  mode="append")
+                self.assertIn("'population'", " ".join(partial["notes"]))
+
+        self.drive(go())
