@@ -57,28 +57,21 @@ async def _measure(reactor: Any, tables: int, calls: int, work: Path) -> dict[st
         figures["write, alone"] = await _median_ms(
             calls, lambda: one.execute("INSERT INTO persistent.public.t0 VALUES (1)"))
 
-        async def write_then_read() -> None:
-            await one.execute("INSERT INTO persistent.public.t0 VALUES (1)")
-            began = time.perf_counter()
-            await one.query("SELECT count(*) FROM persistent.public.t0")
-            cold.append((time.perf_counter() - began) * 1000)
-
-        cold: list[float] = []
-        await _median_ms(calls, write_then_read)
-        figures["read right after a write"] = statistics.median(cold)
-
-        async def write_pause_read() -> None:
+        async def read_after_a_write(pause: float, times: list[float]) -> None:
             from twisted.internet.task import deferLater
 
             await one.execute("INSERT INTO persistent.public.t0 VALUES (1)")
-            await deferLater(reactor, PAUSE, lambda: None)  # the assistant reads the result
+            if pause:
+                await deferLater(reactor, pause, lambda: None)  # the assistant reads the result
             began = time.perf_counter()
             await one.query("SELECT count(*) FROM persistent.public.t0")
-            paused.append((time.perf_counter() - began) * 1000)
+            times.append((time.perf_counter() - began) * 1000)
 
-        paused: list[float] = []
-        await _median_ms(min(calls, 10), write_pause_read)
-        figures[f"read {PAUSE:g} s after a write"] = statistics.median(paused)
+        for label, pause, n in (("read right after a write", 0.0, calls),
+                                (f"read {PAUSE:g} s after a write", PAUSE, min(calls, 10))):
+            times: list[float] = []
+            await _median_ms(n, lambda: read_after_a_write(pause, times))
+            figures[label] = statistics.median(times)
         two = await Session.open(reactor, name="bench-two", environ=env)
         await two.query("SELECT 1")
 

@@ -157,11 +157,8 @@ class ClassifierTests(SynchronousTestCase):
         self.assertEqual(statement_count("SELECT 'unterminated"), 1)
 
 
-class WallTests(TestCase):
-    """
-    The transaction that is always rolled back, with the parser told to
-    accept everything: it alone must keep a hidden DELETE from deleting.
-    """
+class PrivateHyperdTestCase(TestCase):
+    """Tests with sessions on a private hyperd, in their own state folder."""
 
     timeout = 180
 
@@ -169,6 +166,13 @@ class WallTests(TestCase):
     def _tmp(self, tmp_path: Path) -> None:
         self.tmp = tmp_path
         self.state, self.ports, self.env = client_environment(tmp_path)
+
+
+class WallTests(PrivateHyperdTestCase):
+    """
+    The transaction that is always rolled back, with the parser told to
+    accept everything: it alone must keep a hidden DELETE from deleting.
+    """
 
     async def tools(self) -> Tools:
         session = await Session.open(reactor, environ=self.env, no_daemon=True)
@@ -373,15 +377,8 @@ class OptionTests(SynchronousTestCase):
             self.assertIn(needle, str(caught.exception))
 
 
-class ReplaceTests(TestCase):
+class ReplaceTests(PrivateHyperdTestCase):
     """A replacing load never loses the old table, whatever fails in between."""
-
-    timeout = 180
-
-    @pytest.fixture(autouse=True)
-    def _tmp(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-        self.state, self.ports, self.env = client_environment(tmp_path)
 
     async def test_a_failed_rename_puts_the_old_table_back(self) -> None:
         session = await Session.open(reactor, environ=self.env, no_daemon=True)
