@@ -24,15 +24,17 @@ from __future__ import annotations
 import functools
 import inspect
 import os
+import signal
 import uuid
-from typing import Any, Iterator
+from pathlib import Path
+from typing import Any, AsyncIterator, Iterator
 
 import pytest
 import pytest_twisted
 from twisted.internet import defer, interfaces
 from twisted.internet.task import deferLater
 
-from support import MARKER, leaked_processes, kill_processes
+from support import MARKER, Clients, kill_processes, leaked_processes, within
 
 os.environ[MARKER] = uuid.uuid4().hex
 os.environ.pop("HYPERDB_DAEMON_PORT", None)
@@ -65,25 +67,25 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def _bounded(test: Any, seconds: float, name: str) -> Any:
     @functools.wraps(test)
     async def bounded(**kwargs: Any) -> Any:
-        from twisted.internet import reactor
-
-        running = defer.ensureDeferred(test(**kwargs))
-        running.addTimeout(seconds, reactor)
-        try:
-            return await running
-        except defer.TimeoutError:
-            pytest.fail(f"{name} was still running after {seconds:g} s "
-                        "(if it needs longer, mark it with @pytest.mark.deadline)")
+        return await within(
+            defer.ensureDeferred(test(**kwargs)), seconds,
+            f"{name} was still running after {seconds:g} s "
+            "(if it needs longer, mark it with @pytest.mark.deadline)")
 
     return pytest_twisted.ensureDeferred(bounded)
 
 
 @pytest.fixture(scope="session", autouse=True)
 def running_reactor() -> None:
-    """Start the session's reactor before the first test, with its signal handlers."""
+    """
+    Start the session's reactor before the first test, with its signal
+    handlers, but for SIGTERM: that still ends the test run at once.
+    """
     from twisted.internet import reactor
 
+    on_sigterm = signal.getsignal(signal.SIGTERM)
     pytest_twisted.blockon(deferLater(reactor, 0, lambda: None))
+    signal.signal(signal.SIGTERM, on_sigterm)
 
 
 @pytest.fixture(autouse=True)
@@ -133,6 +135,18 @@ def _reactor_contents(reactor: Any) -> dict[str, set[Any]]:
 
 def _left_behind(reactor: Any, before: dict[str, set[Any]]) -> dict[str, set[Any]]:
     return {kind: things - before[kind] for kind, things in _reactor_contents(reactor).items()}
+
+
+@pytest_twisted.async_yield_fixture
+async def clients(tmp_path: Path) -> AsyncIterator[Clients]:
+    """
+    The test's own clients' world (state directory, ports, environment);
+    its sessions are closed, its client programs and its daemon stopped at
+    the end.
+    """
+    world = Clients.at(tmp_path)
+    yield world
+    await world.end()
 
 
 def _run_trial_cases_on_the_session_reactor() -> None:

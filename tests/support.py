@@ -17,6 +17,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import attrs
+
 MARKER = "HYPERDAEMON_TEST_SESSION"
 RESERVED_PORTS = range(7485, 7501)
 #: Bound for a daemon (and its hyperd) to become ready.
@@ -47,6 +49,36 @@ def free_port() -> int:
             return port
 
 
+def within(running: Any, seconds: float, message: str) -> Any:
+    """
+    A Deferred with C{running}'s result, or an C{AssertionError} with
+    C{message} once C{seconds} have passed.  Then C{running} is cancelled but
+    not waited for: work that ignores its cancellation cannot hang the run.
+    """
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+    from twisted.python.failure import Failure
+
+    outcome: Deferred[Any] = Deferred()
+
+    def too_late() -> None:
+        outcome.errback(AssertionError(message))
+        running.cancel()
+
+    timer = reactor.callLater(seconds, too_late)
+
+    def finished(result: Any) -> None:
+        if timer.active():
+            timer.cancel()
+            if isinstance(result, Failure):
+                outcome.errback(result)
+            else:
+                outcome.callback(result)
+
+    running.addBoth(finished)
+    return outcome
+
+
 async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     """L{wait_for} for asynchronous tests: waits without blocking the reactor."""
     from twisted.internet import reactor
@@ -74,6 +106,99 @@ def client_environment(tmp_path: Path, ports: int = 3) -> tuple[Path, range, dic
         HYPERDB_PERSISTENT_DB=str(tmp_path / "persistent.hyper"),
     )
     return state, range(first, last + 1), env
+
+
+#: The client program that L{Clients} runs.
+CLIENT = Path(__file__).with_name("client_program.py")
+
+
+@attrs.define
+class Clients:
+    """
+    One test's world of clients (the C{clients} fixture): its folder, state
+    directory, free port range and environment, and the sessions and client
+    programs it started, which L{end} ends.
+    """
+
+    tmp: Path
+    state: Path
+    ports: range
+    env: dict[str, str]
+    _enders: list[Callable[[], Any]] = attrs.Factory(list)
+
+    @classmethod
+    def at(cls, tmp_path: Path) -> "Clients":
+        state, ports, env = client_environment(tmp_path)
+        return cls(tmp_path, state, ports, env)
+
+    async def open(self, **kwargs: Any) -> Any:
+        """A L{hyperdaemon.session.Session} in this world, closed at the end."""
+        from twisted.internet import reactor
+
+        from hyperdaemon.session import Session
+
+        session = await Session.open(reactor, environ=self.env, **kwargs)
+        self._enders.append(session.close)
+        return session
+
+    def run_client(self, *args: str) -> dict[str, Any]:
+        """Run the client program to its end (blocking); the facts it printed."""
+        result = subprocess.run(
+            [sys.executable, str(CLIENT), *args], env=self.env, capture_output=True,
+            text=True, timeout=READY_TIMEOUT, stdin=subprocess.DEVNULL,
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def hold_client(self, *args: str) -> tuple[subprocess.Popen[str], dict[str, Any]]:
+        """
+        Start the client program holding its session (blocking until it
+        has one); it is killed at the end if it still runs.
+        """
+        proc = subprocess.Popen(
+            [sys.executable, str(CLIENT), "--hold", *args], env=self.env, text=True,
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        )
+
+        def end() -> None:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(QUICK)
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                stream.close()
+
+        self._enders.append(end)
+        line = proc.stdout.readline()
+        assert line, proc.stderr.read()
+        return proc, json.loads(line)
+
+    def daemon_status(self) -> dict[str, Any]:
+        for port in self.ports:
+            try:
+                return status(port)
+            except OSError:
+                continue
+        raise AssertionError("no daemon answers in the test's range")
+
+    async def end(self) -> None:
+        """
+        Close the sessions and end the client programs, the last started
+        first (each within L{READY_TIMEOUT}), then stop the daemon; the first
+        error, if any, is raised once everything was tried.
+        """
+        from twisted.internet.defer import maybeDeferred
+        from twisted.internet.threads import deferToThread
+
+        errors = []
+        for ender in reversed(self._enders):
+            try:
+                await within(maybeDeferred(ender), READY_TIMEOUT,
+                             f"{ender!r} did not end within {READY_TIMEOUT:g} s")
+            except Exception as e:
+                errors.append(e)
+        await deferToThread(stop_daemon_on, self.ports)
+        if errors:
+            raise errors[0]
 
 
 def free_range(count: int) -> tuple[int, int]:
@@ -116,7 +241,11 @@ def stop_daemon_on(ports: range | list[int]) -> None:
                 os.kill(pid, signal.SIGKILL)
         hyperd = facts.get("hyperd_pid")
         if isinstance(hyperd, int):
-            wait_for(lambda: not pid_alive(hyperd), QUICK, f"hyperd {hyperd} to stop")
+            try:
+                wait_for(lambda: not pid_alive(hyperd), QUICK, f"hyperd {hyperd} to stop")
+            except AssertionError:
+                os.kill(hyperd, signal.SIGKILL)  # nothing outlives the test; it still fails
+                raise
 
 
 def port_is_free(port: int) -> bool:

@@ -13,126 +13,139 @@ import threading
 from pathlib import Path
 
 import pytest
-from twisted.internet import reactor
+import pytest_twisted
 
 from hyperdaemon.session import Session
 from hyperdaemon.sharedfiles import LockFile, NotDurable, SharedFile, take_hold, wait_until_written
-from support import QUICK, pid_alive, status, until, wait_for
+from support import QUICK, Clients, pid_alive, status, until, wait_for
 from test_mcpserver import McpTestCase
-from test_session import ClientTestCase
 
 ROWS = 1000
+#: Clients spawn daemons and hyperds: more time than an asynchronous test's default.
+pytestmark = pytest.mark.deadline(180)
 
 
-class DurableWriteTests(ClientTestCase):
-    async def kill_hyperd(self) -> None:
-        """SIGKILL hyperd (nothing graceful) and wait for its replacement."""
-        before = self.daemon_status()
-        os.kill(before["hyperd_pid"], signal.SIGKILL)
-        await until(lambda: not pid_alive(before["hyperd_pid"]), QUICK, "hyperd to die")
-        await until(lambda: self.daemon_status()["hyperd_pid"] not in (None, before["hyperd_pid"])
-                    and self.daemon_status()["state"] == "ready", QUICK, "a new hyperd")
+async def kill_hyperd(clients: Clients) -> None:
+    """SIGKILL hyperd (nothing graceful) and wait for its replacement."""
+    before = clients.daemon_status()
+    os.kill(before["hyperd_pid"], signal.SIGKILL)
+    await until(lambda: not pid_alive(before["hyperd_pid"]), QUICK, "hyperd to die")
+    await until(lambda: clients.daemon_status()["hyperd_pid"] not in (None, before["hyperd_pid"])
+                and clients.daemon_status()["state"] == "ready", QUICK, "a new hyperd")
 
-    async def count(self, session: Session, table: str) -> int:
-        return (await session.query(f"SELECT count(*) FROM {table}")).rows[0][0]
 
-    async def test_a_write_survives_sigkill_while_other_sessions_hold_the_file(self) -> None:
-        writer = await self.open(name="writer")
-        readers = [await self.open(name=f"reader{i}") for i in range(2)]
+async def count(session: Session, table: str) -> int:
+    return (await session.query(f"SELECT count(*) FROM {table}")).rows[0][0]
+
+
+class DurableWriteTests:
+    @pytest_twisted.ensureDeferred
+    async def test_a_write_survives_sigkill_while_other_sessions_hold_the_file(
+            self, clients: Clients) -> None:
+        writer = await clients.open(name="writer")
+        readers = [await clients.open(name=f"reader{i}") for i in range(2)]
         await writer.execute("CREATE TABLE persistent.public.seen (x int)")
         for reader in readers:
             # Each reader now has the persistent database attached, idle.
-            self.assertEqual(await self.count(reader, "persistent.public.seen"), 0)
+            assert await count(reader, "persistent.public.seen") == 0
         await writer.execute(
             f"CREATE TABLE persistent.public.kept AS "
             f"SELECT generate_series AS x FROM generate_series(1, {ROWS})")
-        await self.kill_hyperd()
-        fresh = await self.open(name="after")
-        self.assertEqual(await self.count(fresh, "persistent.public.kept"), ROWS)
+        await kill_hyperd(clients)
+        fresh = await clients.open(name="after")
+        assert await count(fresh, "persistent.public.kept") == ROWS
         # The readers carry on, and see it too.
         for reader in readers:
-            self.assertEqual(await self.count(reader, "persistent.public.kept"), ROWS)
+            assert await count(reader, "persistent.public.kept") == ROWS
 
-    async def test_rows_inserted_by_a_batch_survive_sigkill(self) -> None:
-        one = await self.open()
-        other = await self.open()
+    @pytest_twisted.ensureDeferred
+    async def test_rows_inserted_by_a_batch_survive_sigkill(self, clients: Clients) -> None:
+        one = await clients.open()
+        other = await clients.open()
         await one.execute("CREATE TABLE persistent.public.log (x int)")
-        self.assertEqual(await self.count(other, "persistent.public.log"), 0)
+        assert await count(other, "persistent.public.log") == 0
         await one.execute([f"INSERT INTO persistent.public.log VALUES ({i})" for i in range(5)])
-        await self.kill_hyperd()
-        self.assertEqual(await self.count(other, "persistent.public.log"), 5)
+        await kill_hyperd(clients)
+        assert await count(other, "persistent.public.log") == 5
 
-    async def test_a_query_that_writes_is_made_durable_too(self) -> None:
-        session = await self.open()
-        other = await self.open()
+    @pytest_twisted.ensureDeferred
+    async def test_a_query_that_writes_is_made_durable_too(self, clients: Clients) -> None:
+        session = await clients.open()
+        other = await clients.open()
         await session.execute("CREATE TABLE persistent.public.ret (x int)")
-        self.assertEqual(await self.count(other, "persistent.public.ret"), 0)
+        assert await count(other, "persistent.public.ret") == 0
         result = await session.query("INSERT INTO persistent.public.ret VALUES (9) RETURNING x")
-        self.assertEqual(result.rows, [(9,)])
-        await self.kill_hyperd()
-        self.assertEqual(await self.count(other, "persistent.public.ret"), 1)
+        assert result.rows == [(9,)]
+        await kill_hyperd(clients)
+        assert await count(other, "persistent.public.ret") == 1
 
-    async def test_a_file_attached_by_name_is_made_durable_too(self) -> None:
-        path = self.tmp / "extra.hyper"
-        one = await self.open()
-        two = await self.open()
+    @pytest_twisted.ensureDeferred
+    async def test_a_file_attached_by_name_is_made_durable_too(self, clients: Clients) -> None:
+        path = clients.tmp / "extra.hyper"
+        one = await clients.open()
+        two = await clients.open()
         await one.attach("extra", path, create=True)
         await two.attach("extra", path)
         await one.execute("CREATE TABLE extra.public.t AS SELECT 1 AS x")
-        self.assertEqual(await self.count(two, "extra.public.t"), 1)
+        assert await count(two, "extra.public.t") == 1
         await one.execute("INSERT INTO extra.public.t VALUES (2)")
-        await self.kill_hyperd()
-        self.assertEqual(await self.count(two, "extra.public.t"), 2)
-        self.assertEqual(sorted(two.attached_files), ["extra", "persistent"])
+        await kill_hyperd(clients)
+        assert await count(two, "extra.public.t") == 2
+        assert sorted(two.attached_files) == ["extra", "persistent"]
         await two.detach("extra")
-        self.assertEqual(sorted(two.attached_files), ["persistent"])
+        assert sorted(two.attached_files) == ["persistent"]
 
-    async def test_a_reading_session_sees_writes_of_another_made_meanwhile(self) -> None:
-        reader = await self.open()
-        writer = await self.open()
+    @pytest_twisted.ensureDeferred
+    async def test_a_reading_session_sees_writes_of_another_made_meanwhile(
+            self, clients: Clients) -> None:
+        reader = await clients.open()
+        writer = await clients.open()
         await writer.execute("CREATE TABLE persistent.public.n (x int)")
         for i in range(1, 4):
             await writer.execute(f"INSERT INTO persistent.public.n VALUES ({i})")
-            self.assertEqual(await self.count(reader, "persistent.public.n"), i)
+            assert await count(reader, "persistent.public.n") == i
 
-    async def test_the_file_stays_attached_between_calls_and_again_after_a_write(self) -> None:
-        session = await self.open()
+    @pytest_twisted.ensureDeferred
+    async def test_the_file_stays_attached_between_calls_and_again_after_a_write(
+            self, clients: Clients) -> None:
+        session = await clients.open()
         shared = session._files["persistent"]
         await session.query("SELECT 1")
-        self.assertTrue(shared.attached)
+        assert shared.attached
         # Nobody else could take the hold exclusively while it is held.
         probe = LockFile(shared.hold.path)
         try:
-            self.assertFalse(probe.lock(exclusive=True, wait=False))
+            assert not probe.lock(exclusive=True, wait=False)
             await session.execute("CREATE TABLE persistent.public.w (x int)")
             # Written out (it let go), then attached again in the background
             # so that the next call does not pay a cold attach.
             await until(lambda: shared.attached, QUICK, "the file to be attached again")
-            self.assertFalse(probe.lock(exclusive=True, wait=False))
+            assert not probe.lock(exclusive=True, wait=False)
         finally:
             probe.close()
 
-    async def test_closing_a_session_lets_go_of_the_file(self) -> None:
-        session = await self.open()
+    @pytest_twisted.ensureDeferred
+    async def test_closing_a_session_lets_go_of_the_file(self, clients: Clients) -> None:
+        session = await clients.open()
         hold = session._files["persistent"].hold.path
         await session.close()
         probe = LockFile(hold)
         try:
-            self.assertTrue(probe.lock(exclusive=True, wait=False))
+            assert probe.lock(exclusive=True, wait=False)
         finally:
             probe.close()
 
 
-class NoDaemonDurabilityTests(ClientTestCase):
-    async def test_without_the_daemon_a_write_survives_sigkill(self) -> None:
-        session = await self.open(no_daemon=True)
+class NoDaemonDurabilityTests:
+    @pytest_twisted.ensureDeferred
+    async def test_without_the_daemon_a_write_survives_sigkill(self, clients: Clients) -> None:
+        session = await clients.open(no_daemon=True)
         await session.execute("CREATE TABLE persistent.public.solo AS SELECT 5 AS x")
         hyperd = session._source._supervisor.pid
         os.kill(hyperd, signal.SIGKILL)
         await until(lambda: session._source._supervisor.pid not in (None, hyperd), QUICK,
                     "a new private hyperd")
-        self.assertEqual((await session.query("SELECT x FROM persistent.public.solo")).rows,
-                         [(5,)])
+        assert (await session.query("SELECT x FROM persistent.public.solo")).rows == [(5,)]
 
 
 @pytest.fixture
@@ -218,8 +231,8 @@ class McpDurabilityTests(McpTestCase):
                     not in (None, before["hyperd_pid"]), QUICK, "a new hyperd")
                 rows = await c2("query", sql="SELECT city FROM persistent.public.cities "
                                              "ORDER BY city")
-                self.assertEqual(rows["rows"], [["Brest"], ["Lyon"]])
+                assert rows["rows"] == [["Brest"], ["Lyon"]]
                 counted = await c2("query", sql="SELECT count(*) FROM extra.public.e")
-                self.assertEqual(counted["rows"], [[2]])
+                assert counted["rows"] == [[2]]
 
         self.drive(go())

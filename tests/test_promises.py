@@ -14,6 +14,8 @@ import socket
 from pathlib import Path
 
 import psycopg
+import pytest
+import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
@@ -26,46 +28,54 @@ from hyperdaemon.config import PortChoice
 from hyperdaemon.daemon import SESSION_PROTOCOL
 from hyperdaemon.finder import Finder
 from hyperdaemon.session import SessionError
-from support import QUICK, pid_alive, until
+from support import QUICK, Clients, pid_alive, until
 from test_mcpserver import McpTestCase, ToolCallError
-from test_session import ClientTestCase
+
+#: Clients spawn daemons and hyperds: more time than an asynchronous test's default.
+pytestmark = pytest.mark.deadline(180)
 
 
-class TakeoverTests(ClientTestCase):
-    async def test_a_takeover_keeps_the_old_daemons_port_even_past_the_first(self) -> None:
+class TakeoverTests:
+    @pytest_twisted.ensureDeferred
+    async def test_a_takeover_keeps_the_old_daemons_port_even_past_the_first(
+            self, clients: Clients) -> None:
         # The old daemon sits on the second port of the range: a takeover
         # that spawned anew would land on the (now free) first one.
         foreign = socket.socket()
-        foreign.bind(("127.0.0.1", self.ports[0]))
+        foreign.bind(("127.0.0.1", clients.ports[0]))
         foreign.listen()
-        first = await self.open()
+        first = await clients.open()
         await first.execute("CREATE TABLE mine (x int)")
-        old = self.daemon_status()
-        self.assertEqual(old["health_port"], self.ports[1])
+        old = clients.daemon_status()
+        assert old["health_port"] == clients.ports[1]
         foreign.close()
-        newer = Finder(self.state, PortChoice(None, self.ports[0], self.ports[-1]),
-                       client_version="99.0.0", environ=self.env)
+        newer = Finder(clients.state, PortChoice(None, clients.ports[0], clients.ports[-1]),
+                       client_version="99.0.0", environ=clients.env)
         address = await deferToThread(newer.ensure)
-        self.assertEqual(address.port, self.ports[1])
-        self.assertNotEqual(address.facts["pid"], old["pid"])
+        assert address.port == clients.ports[1]
+        assert address.facts["pid"] != old["pid"]
         # The attached session carries on with a new, empty scratch database.
-        self.assertEqual((await first.query("SELECT 1")).rows, [(1,)])
-        with self.assertRaises(psycopg.errors.UndefinedTable):
+        assert (await first.query("SELECT 1")).rows == [(1,)]
+        with pytest.raises(psycopg.errors.UndefinedTable):
             await first.query("SELECT * FROM mine")
-        self.assertEqual([s["ephemeral_db"] for s in self.daemon_status()["sessions"]],
-                         [str(first.ephemeral_db)])
+        assert ([s["ephemeral_db"] for s in clients.daemon_status()["sessions"]]
+                == [str(first.ephemeral_db)])
 
-    async def test_an_older_daemon_that_does_not_stop_is_used(self) -> None:
-        port = self.ports[0]
+    @pytest_twisted.ensureDeferred
+    async def test_an_older_daemon_that_does_not_stop_is_used(
+            self, clients: Clients, monkeypatch: pytest.MonkeyPatch) -> None:
+        port = clients.ports[0]
         listening = reactor.listenTCP(port, Factory.forProtocol(_StubbornOldDaemon),
                                       interface="127.0.0.1")
-        self.addCleanup(listening.stopListening)
-        self.patch(finder_module, "TAKEOVER_TIMEOUT", 1.0)
-        newer = Finder(self.state, PortChoice(None, self.ports[0], self.ports[-1]),
-                       client_version="99.0.0", environ=self.env)
-        address = await deferToThread(newer.ensure)
-        self.assertEqual((address.port, address.version), (port, "0.0.1"))
-        self.assertIn("STOP", _StubbornOldDaemon.heard)
+        try:
+            monkeypatch.setattr(finder_module, "TAKEOVER_TIMEOUT", 1.0)
+            newer = Finder(clients.state, PortChoice(None, clients.ports[0], clients.ports[-1]),
+                           client_version="99.0.0", environ=clients.env)
+            address = await deferToThread(newer.ensure)
+            assert (address.port, address.version) == (port, "0.0.1")
+            assert "STOP" in _StubbornOldDaemon.heard
+        finally:
+            await listening.stopListening()
 
 
 class _StubbornOldDaemon(LineReceiver):
@@ -90,65 +100,75 @@ class _StubbornOldDaemon(LineReceiver):
             self.sendLine(b"OK")
 
 
-class IdleTests(ClientTestCase):
-    async def test_an_attached_session_keeps_the_daemon_alive_without_heartbeats(self) -> None:
-        self.env["HYPERDB_DAEMON_IDLE_TIMEOUT"] = "1"
-        session = await self.open()
-        pid = self.daemon_status()["pid"]
+class IdleTests:
+    @pytest_twisted.ensureDeferred
+    async def test_an_attached_session_keeps_the_daemon_alive_without_heartbeats(
+            self, clients: Clients) -> None:
+        clients.env["HYPERDB_DAEMON_IDLE_TIMEOUT"] = "1"
+        session = await clients.open()
+        pid = clients.daemon_status()["pid"]
         # Three idle timeouts without a call (so without a heartbeat).
         await deferLater(reactor, 3.0, lambda: None)
-        self.assertTrue(pid_alive(pid))
-        self.assertEqual(len(self.daemon_status()["sessions"]), 1)
+        assert pid_alive(pid)
+        assert len(clients.daemon_status()["sessions"]) == 1
         await session.close()
         await until(lambda: not pid_alive(pid), QUICK, "the idle daemon to stop")
 
 
-class ClosedSessionTests(ClientTestCase):
-    async def test_close_twice_does_nothing_and_a_closed_session_refuses_work(self) -> None:
-        session = await self.open()
+class ClosedSessionTests:
+    @pytest_twisted.ensureDeferred
+    async def test_close_twice_does_nothing_and_a_closed_session_refuses_work(
+            self, clients: Clients) -> None:
+        session = await clients.open()
         await session.close()
         await session.close()
         for attempt in (lambda: session.query("SELECT 1"),
                         lambda: session.execute("SELECT 1"),
                         lambda: session.call(lambda conn: None)):
-            with self.assertRaises(SessionError) as caught:
+            with pytest.raises(SessionError) as caught:
                 attempt()
-            self.assertIn("closed", str(caught.exception))
+            assert "closed" in str(caught.value)
 
 
-class InterruptedTests(ClientTestCase):
-    async def test_an_execute_cut_by_hyperds_death_is_not_run_again_and_says_so(self) -> None:
-        session = await self.open()
+class InterruptedTests:
+    @pytest_twisted.ensureDeferred
+    async def test_an_execute_cut_by_hyperds_death_is_not_run_again_and_says_so(
+            self, clients: Clients) -> None:
+        session = await clients.open()
         await session.execute("CREATE TABLE persistent.public.runs (x int)")
-        hyperd = self.daemon_status()["hyperd_pid"]
+        hyperd = clients.daemon_status()["hyperd_pid"]
 
         def write_then_die(connection: psycopg.Connection) -> None:
             connection.execute("INSERT INTO persistent.public.runs VALUES (1)")
             os.kill(hyperd, signal.SIGKILL)
             connection.execute("SELECT pg_sleep(5)")
 
-        with self.assertRaises(SessionError) as caught:
+        with pytest.raises(SessionError) as caught:
             await session.call(write_then_die)
-        self.assertIn("went away during the statement", str(caught.exception))
-        self.assertIn("reconnected", str(caught.exception))
+        assert "went away during the statement" in str(caught.value)
+        assert "reconnected" in str(caught.value)
         # Not run a second time; the session works again.
         count = (await session.query("SELECT count(*) FROM persistent.public.runs")).rows[0][0]
-        self.assertLessEqual(count, 1)
-        self.assertEqual((await session.query("SELECT 2")).rows, [(2,)])
+        assert count <= 1
+        assert (await session.query("SELECT 2")).rows == [(2,)]
 
-    async def test_a_session_without_a_usable_hyperd_gives_up_after_its_limit(self) -> None:
-        session = await self.open()
-        self.patch(session_module, "CREDENTIALS_TIMEOUT", 2.0)
+    @pytest_twisted.ensureDeferred
+    async def test_a_session_without_a_usable_hyperd_gives_up_after_its_limit(
+            self, clients: Clients, monkeypatch: pytest.MonkeyPatch) -> None:
+        session = await clients.open()
+        monkeypatch.setattr(session_module, "CREDENTIALS_TIMEOUT", 2.0)
         # The daemon is frozen: it can neither answer nor start a hyperd.
-        facts = self.daemon_status()
+        facts = clients.daemon_status()
         os.kill(facts["pid"], signal.SIGSTOP)
-        self.addCleanup(_continue, facts["pid"])
-        os.kill(facts["hyperd_pid"], signal.SIGKILL)
-        began = reactor.seconds()
-        with self.assertRaises(SessionError) as caught:
-            await session.query("SELECT 1")
-        self.assertIn("no hyperd became available within 2 s", str(caught.exception))
-        self.assertLess(reactor.seconds() - began, QUICK)
+        try:
+            os.kill(facts["hyperd_pid"], signal.SIGKILL)
+            began = reactor.seconds()
+            with pytest.raises(SessionError) as caught:
+                await session.query("SELECT 1")
+            assert "no hyperd became available within 2 s" in str(caught.value)
+            assert reactor.seconds() - began < QUICK
+        finally:
+            _continue(facts["pid"])
 
 
 def _continue(pid: int) -> None:
@@ -171,17 +191,17 @@ class FailedLoadTests(McpTestCase):
             async with self.server() as s:
                 c = lambda tool, **kw: self.call(s, tool, **kw)  # noqa: E731
                 await c("load_data", table="keep", data="id,name\n1,a\n2,b\n")
-                with self.assertRaises(ToolCallError) as caught:
+                with pytest.raises(ToolCallError) as caught:
                     await c("load_file", table="keep", path=str(broken), mode="replace",
                             schema=schema)
-                self.assertIn("does not fit", str(caught.exception))
+                assert "does not fit" in str(caught.value)
                 rows = await c("query", sql="SELECT id, name FROM keep ORDER BY id")
-                self.assertEqual(rows["rows"], [[1, "a"], [2, "b"]])
-                with self.assertRaises(ToolCallError):
+                assert rows["rows"] == [[1, "a"], [2, "b"]]
+                with pytest.raises(ToolCallError):
                     await c("load_file", table="fresh", path=str(broken), schema=schema)
                 listed = await c("describe")
                 names = [t["table"] for t in listed["tables"]]
-                self.assertNotIn("fresh", names)
-                self.assertFalse([n for n in names if "loading" in n], names)
+                assert "fresh" not in names
+                assert not [n for n in names if "loading" in n], names
 
         self.drive(go())

@@ -10,10 +10,14 @@ import sys
 import textwrap
 import time
 
+import pytest
+import pytest_twisted
 from twisted.internet import reactor
 
-from support import QUICK, READY_TIMEOUT, until
-from test_session import ClientTestCase
+from support import QUICK, READY_TIMEOUT, Clients, until
+
+#: Clients spawn daemons and hyperds: more time than an asynchronous test's default.
+pytestmark = pytest.mark.deadline(180)
 
 FORGETFUL = textwrap.dedent("""
     import json
@@ -34,12 +38,13 @@ LONG_QUERY = ("SELECT count(*) FROM generate_series(1, 200000) AS x(a), "
               "generate_series(1, 200000) AS y(b) WHERE (a * 7 + b * 13) % 11 = 3")
 
 
-class EndingTests(ClientTestCase):
-    def test_a_program_that_never_closes_its_session_exits_and_is_cleaned_up(self) -> None:
-        started = subprocess.run([sys.executable, "-c", FORGETFUL], env=self.env,
+class EndingTests:
+    def test_a_program_that_never_closes_its_session_exits_and_is_cleaned_up(
+            self, clients: Clients) -> None:
+        started = subprocess.run([sys.executable, "-c", FORGETFUL], env=clients.env,
                                  capture_output=True, text=True, timeout=READY_TIMEOUT,
                                  stdin=subprocess.DEVNULL)
-        self.assertEqual(started.returncode, 0, started.stderr)
+        assert started.returncode == 0, started.stderr
         import json
         from pathlib import Path
 
@@ -48,16 +53,18 @@ class EndingTests(ClientTestCase):
         deadline = time.monotonic() + QUICK
         while folder.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        self.assertFalse(folder.exists())
-        self.assertEqual(self.daemon_status()["sessions"], [])
+        assert not folder.exists()
+        assert clients.daemon_status()["sessions"] == []
 
-    async def test_close_during_a_long_statement_is_prompt_and_leaves_nothing(self) -> None:
-        session = await self.open(name="busy")
+    @pytest_twisted.ensureDeferred
+    async def test_close_during_a_long_statement_is_prompt_and_leaves_nothing(
+            self, clients: Clients) -> None:
+        session = await clients.open(name="busy")
         running = session.query(LONG_QUERY)
         running.addErrback(lambda _: None)
         await until(lambda: session._pool.working, QUICK, "the statement to start")
         begun = reactor.seconds()
         await session.close()
-        self.assertLess(reactor.seconds() - begun, QUICK)
-        self.assertFalse(session.ephemeral_db.parent.exists())
-        await until(lambda: self.daemon_status()["sessions"] == [], QUICK, "the session to end")
+        assert reactor.seconds() - begun < QUICK
+        assert not session.ephemeral_db.parent.exists()
+        await until(lambda: clients.daemon_status()["sessions"] == [], QUICK, "the session to end")

@@ -92,135 +92,130 @@ def log() -> Iterator[list[str]]:
     globalLogPublisher.removeObserver(observer)
 
 
-@pytest_twisted.ensureDeferred
-async def test_ready_hyperd_answers_queries(supervised: Supervised) -> None:
-    supervisor = supervised.make()
-    await until(lambda: supervised.ready, 60, "hyperd to be ready")
-    instance = supervised.ready[0]
-    assert supervisor.state == "ready"
-    assert supervisor.pid == instance.pid
-    assert instance.password
-    assert await deferToThread(query, instance) == 42
+class SupervisorTests:
+    @pytest_twisted.ensureDeferred
+    async def test_ready_hyperd_answers_queries(self, supervised: Supervised) -> None:
+        supervisor = supervised.make()
+        await until(lambda: supervised.ready, 60, "hyperd to be ready")
+        instance = supervised.ready[0]
+        assert supervisor.state == "ready"
+        assert supervisor.pid == instance.pid
+        assert instance.password
+        assert await deferToThread(query, instance) == 42
 
+    @pytest_twisted.ensureDeferred
+    async def test_hung_hyperd_is_stopped_gracefully_and_replaced(
+            self, supervised: Supervised, log: list[str], tmp_path: Path) -> None:
+        import psycopg
 
-@pytest_twisted.ensureDeferred
-async def test_hung_hyperd_is_stopped_gracefully_and_replaced(
-        supervised: Supervised, log: list[str], tmp_path: Path) -> None:
-    import psycopg
-
-    supervisor = supervised.make(hung_after=1.0)
-    await until(lambda: supervised.ready, 60, "hyperd to be ready")
-    hung = supervised.ready[0]
-    # A table that only a graceful stop writes out: the file stays attached.
-    db = tmp_path / "kept.hyper"
-    conn = await deferToThread(
-        psycopg.connect, host=hung.host, port=hung.port, user=hung.user,
-        password=hung.password, autocommit=True, connect_timeout=5,
-    )
-    with conn:
-        for sql in (f'CREATE DATABASE "{db}"', f'ATTACH DATABASE "{db}" AS kept',
+        supervisor = supervised.make(hung_after=1.0)
+        await until(lambda: supervised.ready, 60, "hyperd to be ready")
+        hung = supervised.ready[0]
+        # A table that only a graceful stop writes out: the file stays attached.
+        db = tmp_path / "kept.hyper"
+        conn = await deferToThread(
+            psycopg.connect, host=hung.host, port=hung.port, user=hung.user,
+            password=hung.password, autocommit=True, connect_timeout=5,
+        )
+        with conn:
+            for sql in (
+                    f'CREATE DATABASE "{db}"', f'ATTACH DATABASE "{db}" AS kept',
                     "CREATE TABLE kept.public.t AS SELECT * FROM generate_series(1, 1000) g(x)"):
-            await deferToThread(conn.execute, sql)
-        os.kill(hung.pid, signal.SIGSTOP)
-        await until(lambda: len(supervised.ready) == 2, 30, "a replacement hyperd")
-    assert not pid_alive(hung.pid)  # the old one is gone before the new one starts
-    assert f"hyperd[{hung.pid}] stopped: exited with code 0" in log
-    assert not [line for line in log if "killing it" in line]
-    assert supervisor.restarts == 1
-    assert supervised.ready[1].pid != hung.pid
-    assert supervised.ready[1].password != hung.password
+                await deferToThread(conn.execute, sql)
+            os.kill(hung.pid, signal.SIGSTOP)
+            await until(lambda: len(supervised.ready) == 2, 30, "a replacement hyperd")
+        assert not pid_alive(hung.pid)  # the old one is gone before the new one starts
+        assert f"hyperd[{hung.pid}] stopped: exited with code 0" in log
+        assert not [line for line in log if "killing it" in line]
+        assert supervisor.restarts == 1
+        assert supervised.ready[1].pid != hung.pid
+        assert supervised.ready[1].password != hung.password
 
-    def count_rows(instance: HyperdInstance) -> int:
-        with psycopg.connect(host=instance.host, port=instance.port, user=instance.user,
-                             password=instance.password, autocommit=True,
-                             connect_timeout=5) as c:
-            c.execute(f'ATTACH DATABASE "{db}" AS kept')
-            return c.execute("SELECT count(*) FROM kept.public.t").fetchone()[0]
+        def count_rows(instance: HyperdInstance) -> int:
+            with psycopg.connect(host=instance.host, port=instance.port, user=instance.user,
+                                 password=instance.password, autocommit=True,
+                                 connect_timeout=5) as c:
+                c.execute(f'ATTACH DATABASE "{db}" AS kept')
+                return c.execute("SELECT count(*) FROM kept.public.t").fetchone()[0]
 
-    assert await deferToThread(count_rows, supervised.ready[1]) == 1000
+        assert await deferToThread(count_rows, supervised.ready[1]) == 1000
 
+    @pytest_twisted.ensureDeferred
+    async def test_briefly_stopped_hyperd_is_kept(self, supervised: Supervised) -> None:
+        supervisor = supervised.make()
+        await until(lambda: supervised.ready, 60, "hyperd to be ready")
+        pid = supervised.ready[0].pid
+        os.kill(pid, signal.SIGSTOP)
+        assert await supervisor.check_now() is Verdict.STOPPED
+        # Stopped for many probe intervals and longer than a probe's timeout.
+        stopped_at = time.monotonic()
+        await until(lambda: time.monotonic() - stopped_at > supervisor.probe_timeout + 1, 30,
+                    "the stop to last longer than a probe's timeout")
+        os.kill(pid, signal.SIGCONT)
+        assert await supervisor.check_now() is Verdict.ANSWERS
+        assert (supervisor.pid, supervisor.restarts, len(supervised.ready)) == (pid, 0, 1)
+        assert await deferToThread(query, supervised.ready[0]) == 42
 
-@pytest_twisted.ensureDeferred
-async def test_briefly_stopped_hyperd_is_kept(supervised: Supervised) -> None:
-    supervisor = supervised.make()
-    await until(lambda: supervised.ready, 60, "hyperd to be ready")
-    pid = supervised.ready[0].pid
-    os.kill(pid, signal.SIGSTOP)
-    assert await supervisor.check_now() is Verdict.STOPPED
-    # Stopped for many probe intervals and longer than a probe's timeout.
-    stopped_at = time.monotonic()
-    await until(lambda: time.monotonic() - stopped_at > supervisor.probe_timeout + 1, 30,
-                "the stop to last longer than a probe's timeout")
-    os.kill(pid, signal.SIGCONT)
-    assert await supervisor.check_now() is Verdict.ANSWERS
-    assert (supervisor.pid, supervisor.restarts, len(supervised.ready)) == (pid, 0, 1)
-    assert await deferToThread(query, supervised.ready[0]) == 42
+    @pytest_twisted.ensureDeferred
+    async def test_check_now_leaves_a_healthy_hyperd_alone(self, supervised: Supervised) -> None:
+        supervisor = supervised.make()
+        await until(lambda: supervised.ready, 60, "hyperd to be ready")
+        assert await supervisor.check_now() is Verdict.ANSWERS
+        assert supervisor.state == "ready"
+        assert supervisor.pid == supervised.ready[0].pid
+        assert (supervisor.restarts, len(supervised.ready)) == (0, 1)
 
+    @pytest_twisted.ensureDeferred
+    async def test_restart_budget_spent_gives_up(self, supervised: Supervised) -> None:
+        supervisor = supervised.make(budget=RestartBudget(limit=2, window=60))
+        for n in range(1, 4):
+            await until(lambda: len(supervised.ready) == n, 60, f"hyperd number {n}")
+            os.kill(supervised.ready[-1].pid, signal.SIGKILL)
+        await until(lambda: supervised.gave_up, 30, "the supervisor to give up")
+        assert "giving up after 2 replacements" in supervised.gave_up[0]
+        assert supervisor.state == "failed"
+        assert supervisor.restarts == 2
+        for instance in supervised.ready:
+            await until(lambda: not pid_alive(instance.pid), 10, "every hyperd to be gone")
 
-@pytest_twisted.ensureDeferred
-async def test_check_now_leaves_a_healthy_hyperd_alone(supervised: Supervised) -> None:
-    supervisor = supervised.make()
-    await until(lambda: supervised.ready, 60, "hyperd to be ready")
-    assert await supervisor.check_now() is Verdict.ANSWERS
-    assert supervisor.state == "ready"
-    assert supervisor.pid == supervised.ready[0].pid
-    assert (supervisor.restarts, len(supervised.ready)) == (0, 1)
+    @pytest_twisted.ensureDeferred
+    async def test_broken_hyperd_gives_up_at_once(
+            self, supervised: Supervised, tmp_path: Path) -> None:
+        broken = tmp_path / "hyperd"
+        broken.write_text("#!/bin/sh\necho 'cannot start' >&2\nexit 3\n")
+        broken.chmod(0o755)
+        supervisor = supervised.make(executable=broken)
+        await until(lambda: supervised.gave_up, 30, "the supervisor to give up")
+        assert "exited with code 3 before it was ready" in supervised.gave_up[0]
+        assert supervised.ready == []
+        assert supervisor.restarts == 0
 
+    @pytest_twisted.ensureDeferred
+    async def test_stop_continues_a_stopped_hyperd_and_lets_it_exit(
+            self, supervised: Supervised, log: list[str]) -> None:
+        supervisor = supervised.make()
+        supervisor.stop_grace = 120.0  # far beyond the bound below: no SIGKILL in time
+        await until(lambda: supervised.ready, 60, "hyperd to be ready")
+        pid = supervised.ready[0].pid
+        os.kill(pid, signal.SIGSTOP)
+        stopping = supervisor.stopService()
+        await until(lambda: stopping.called, 30, "the supervisor to stop")
+        assert not pid_alive(pid)
+        assert f"hyperd[{pid}] stopped: exited with code 0" in log
 
-@pytest_twisted.ensureDeferred
-async def test_restart_budget_spent_gives_up(supervised: Supervised) -> None:
-    supervisor = supervised.make(budget=RestartBudget(limit=2, window=60))
-    for n in range(1, 4):
-        await until(lambda: len(supervised.ready) == n, 60, f"hyperd number {n}")
-        os.kill(supervised.ready[-1].pid, signal.SIGKILL)
-    await until(lambda: supervised.gave_up, 30, "the supervisor to give up")
-    assert "giving up after 2 replacements" in supervised.gave_up[0]
-    assert supervisor.state == "failed"
-    assert supervisor.restarts == 2
-    for instance in supervised.ready:
-        await until(lambda: not pid_alive(instance.pid), 10, "every hyperd to be gone")
+    @pytest_twisted.ensureDeferred
+    async def test_stop_ends_hyperd(self, supervised: Supervised) -> None:
+        supervisor = supervised.make()
+        await until(lambda: supervised.ready, 60, "hyperd to be ready")
+        await supervisor.stopService()
+        assert not pid_alive(supervised.ready[0].pid)
+        assert supervisor.state == "stopped"
 
-
-@pytest_twisted.ensureDeferred
-async def test_broken_hyperd_gives_up_at_once(supervised: Supervised, tmp_path: Path) -> None:
-    broken = tmp_path / "hyperd"
-    broken.write_text("#!/bin/sh\necho 'cannot start' >&2\nexit 3\n")
-    broken.chmod(0o755)
-    supervisor = supervised.make(executable=broken)
-    await until(lambda: supervised.gave_up, 30, "the supervisor to give up")
-    assert "exited with code 3 before it was ready" in supervised.gave_up[0]
-    assert supervised.ready == []
-    assert supervisor.restarts == 0
-
-
-@pytest_twisted.ensureDeferred
-async def test_stop_continues_a_stopped_hyperd_and_lets_it_exit(
-        supervised: Supervised, log: list[str]) -> None:
-    supervisor = supervised.make()
-    supervisor.stop_grace = 120.0  # far beyond the bound below: no SIGKILL in time
-    await until(lambda: supervised.ready, 60, "hyperd to be ready")
-    pid = supervised.ready[0].pid
-    os.kill(pid, signal.SIGSTOP)
-    stopping = supervisor.stopService()
-    await until(lambda: stopping.called, 30, "the supervisor to stop")
-    assert not pid_alive(pid)
-    assert f"hyperd[{pid}] stopped: exited with code 0" in log
-
-
-@pytest_twisted.ensureDeferred
-async def test_stop_ends_hyperd(supervised: Supervised) -> None:
-    supervisor = supervised.make()
-    await until(lambda: supervised.ready, 60, "hyperd to be ready")
-    await supervisor.stopService()
-    assert not pid_alive(supervised.ready[0].pid)
-    assert supervisor.state == "stopped"
-
-
-@pytest_twisted.ensureDeferred
-async def test_stop_while_starting_leaves_nothing(supervised: Supervised) -> None:
-    supervisor = supervised.make()
-    await until(lambda: supervisor.pid, 10, "hyperd to be spawned")
-    pid = supervisor.pid
-    await supervisor.stopService()
-    assert not pid_alive(pid)
-    assert supervised.ready == []
+    @pytest_twisted.ensureDeferred
+    async def test_stop_while_starting_leaves_nothing(self, supervised: Supervised) -> None:
+        supervisor = supervised.make()
+        await until(lambda: supervisor.pid, 10, "hyperd to be spawned")
+        pid = supervisor.pid
+        await supervisor.stopService()
+        assert not pid_alive(pid)
+        assert supervised.ready == []
