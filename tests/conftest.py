@@ -34,7 +34,7 @@ import pytest_twisted
 from twisted.internet import defer, interfaces
 from twisted.internet.task import deferLater
 
-from support import MARKER, Clients, kill_processes, leaked_processes, within
+from support import MARKER, Clients, DaemonProcess, kill_processes, leaked_processes, within
 
 os.environ[MARKER] = uuid.uuid4().hex
 os.environ.pop("HYPERDB_DAEMON_PORT", None)
@@ -147,6 +147,15 @@ async def clients(tmp_path: Path) -> AsyncIterator[Clients]:
     world = Clients.at(tmp_path)
     yield world
     await world.end()
+
+
+@pytest.fixture
+def daemons() -> Iterator[list[DaemonProcess]]:
+    """The test's daemon processes: each one added is killed, with its hyperd, at the end."""
+    added: list[DaemonProcess] = []
+    yield added
+    for daemon in reversed(added):
+        daemon.kill()
 
 
 def _run_trial_cases_on_the_session_reactor() -> None:

@@ -18,13 +18,12 @@ import socket
 import subprocess
 import sys
 import threading
-from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import pytest
+import pytest_twisted
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
-from twisted.trial.unittest import TestCase
 
 from hyperdaemon import __version__, healthclient, peeruid
 from hyperdaemon.daemon import SESSION_PROTOCOL
@@ -34,13 +33,12 @@ from hyperdaemon.session import Session
 from support import (
     QUICK,
     READY_TIMEOUT,
+    Clients,
     DaemonProcess,
-    client_environment,
     fork_reporting,
     free_port,
     pid_alive,
     status,
-    stop_daemon_on,
     wait_for,
 )
 
@@ -146,75 +144,93 @@ class OtherUsersDaemon:
         return self._events.count("CONNECTION")
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not peeruid.SUPPORTED,
-                    reason="needs root on Linux to run a second user's fake daemon")
-class FakeDaemonTestCase(TestCase):
-    timeout = 180
+pytestmark = [
+    pytest.mark.skipif(os.geteuid() != 0 or not peeruid.SUPPORTED,
+                       reason="needs root on Linux to run a second user's fake daemon"),
+    # Clients spawn daemons and hyperds: more time than an asynchronous test's default.
+    pytest.mark.deadline(180),
+]
 
-    @pytest.fixture(autouse=True)
-    def _tmp(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-        self.state, self.ports, self.env = client_environment(tmp_path)
-        self.addCleanup(stop_daemon_on, self.ports)
 
-    def fake(self, port: int | None = None) -> OtherUsersDaemon:
-        fake = OtherUsersDaemon(self.ports[0] if port is None else port).start()
-        # Registered after stop_daemon_on, so it runs first: that helper
-        # must not find (and STOP) the fake.
-        self.addCleanup(fake.stop)
-        return fake
+#: Starts a fake daemon of another user (on the given port, or the range's first).
+Fakes = Callable[..., OtherUsersDaemon]
 
-    def assert_only_pinged(self, fake: OtherUsersDaemon) -> None:
+
+@pytest.fixture
+def fakes(clients: Clients) -> Iterator[Fakes]:
+    """
+    Starts another user's fake daemon, on the first port of the range
+    unless told otherwise; each is stopped at the end, before the clients'
+    world ends (whose clean-up must not find, and STOP, a fake).
+    """
+    started: list[OtherUsersDaemon] = []
+
+    def fake(port: int | None = None) -> OtherUsersDaemon:
+        started.append(OtherUsersDaemon(clients.ports[0] if port is None else port).start())
+        return started[-1]
+
+    yield fake
+    for fake in reversed(started):
         fake.stop()
-        self.assertEqual([line for line in fake.lines() if line != "PING"], [])
-
-    def cli(self, *args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [sys.executable, "-m", "hyperdaemon", *args], env=env or self.env,
-            capture_output=True, text=True, timeout=READY_TIMEOUT, stdin=subprocess.DEVNULL,
-        )
-
-    def assert_ours(self, port: int) -> dict[str, Any]:
-        """The daemon on C{port} is a real one of this user; its STATUS."""
-        facts = status(port)
-        self.assertEqual(facts["version"], __version__)
-        self.assertEqual(os.stat(f"/proc/{facts['pid']}").st_uid, os.geteuid())
-        return facts
 
 
-class ClientTests(FakeDaemonTestCase):
-    async def test_session_open_skips_another_users_daemon_and_starts_its_own(self) -> None:
-        fake = self.fake()
-        session = await Session.open(reactor, environ=self.env)
-        self.addCleanup(session.close)
-        self.assertEqual(session._source.address.port, self.ports[1])
-        facts = self.assert_ours(self.ports[1])
-        self.assertEqual([s["pid"] for s in facts["sessions"]], [os.getpid()])
-        self.assertEqual((await session.query("SELECT 1")).rows, [(1,)])
-        self.assert_only_pinged(fake)
+def assert_only_pinged(fake: OtherUsersDaemon) -> None:
+    fake.stop()
+    assert [line for line in fake.lines() if line != "PING"] == []
 
-    async def test_a_discovery_file_naming_another_users_daemon_is_not_trusted(self) -> None:
-        fake = self.fake(free_port())  # outside the range: only daemon.json names it
-        self.state.mkdir(mode=0o700)
-        record = self.state / "daemon.json"
+
+def cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hyperdaemon", *args], env=env,
+        capture_output=True, text=True, timeout=READY_TIMEOUT, stdin=subprocess.DEVNULL,
+    )
+
+
+def assert_ours(port: int) -> dict[str, Any]:
+    """The daemon on C{port} is a real one of this user; its STATUS."""
+    facts = status(port)
+    assert facts["version"] == __version__
+    assert os.stat(f"/proc/{facts['pid']}").st_uid == os.geteuid()
+    return facts
+
+
+class ClientTests:
+    @pytest_twisted.ensureDeferred
+    async def test_session_open_skips_another_users_daemon_and_starts_its_own(
+            self, clients: Clients, fakes: Fakes) -> None:
+        fake = fakes()
+        session = await clients.open()
+        assert session._source.address.port == clients.ports[1]
+        facts = assert_ours(clients.ports[1])
+        assert [s["pid"] for s in facts["sessions"]] == [os.getpid()]
+        assert (await session.query("SELECT 1")).rows == [(1,)]
+        assert_only_pinged(fake)
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_discovery_file_naming_another_users_daemon_is_not_trusted(
+            self, clients: Clients, fakes: Fakes) -> None:
+        fake = fakes(free_port())  # outside the range: only daemon.json names it
+        clients.state.mkdir(mode=0o700)
+        record = clients.state / "daemon.json"
         record.write_text(json.dumps({
             "pid": fake.pid, "hyperd_endpoint": "127.0.0.1:1", "health_port": fake.port,
             "started_at": "2026-01-01T00:00:00+00:00", "version": FAKE_VERSION,
             "hyperd_user": "tableau_internal_user", "hyperd_password": "attacker",
         }))
         record.chmod(0o600)
-        session = await Session.open(reactor, environ=self.env)
-        self.addCleanup(session.close)
-        self.assertEqual(session._source.address.port, self.ports[0])
-        self.assert_ours(self.ports[0])
-        self.assertEqual(json.loads(record.read_text())["health_port"], self.ports[0])
-        self.assert_only_pinged(fake)
+        session = await clients.open()
+        assert session._source.address.port == clients.ports[0]
+        assert_ours(clients.ports[0])
+        assert json.loads(record.read_text())["health_port"] == clients.ports[0]
+        assert_only_pinged(fake)
 
-    async def test_a_session_connection_to_a_port_that_changed_hands_sends_only_ping(self) -> None:
+    @pytest_twisted.ensureDeferred
+    async def test_a_session_connection_to_a_port_that_changed_hands_sends_only_ping(
+            self, clients: Clients, fakes: Fakes) -> None:
         # The finder checked the port, then it changed hands before the
         # session's own connection: that connection is checked again.
-        fake = self.fake()
-        real = Finder.from_environment(environ=self.env)
+        fake = fakes()
+        real = Finder.from_environment(environ=clients.env)
         stale = DaemonAddress(fake.port, FAKE_VERSION, SESSION_PROTOCOL, {})
         answers = iter([stale])
 
@@ -224,108 +240,124 @@ class ClientTests(FakeDaemonTestCase):
             def ensure(self) -> DaemonAddress:
                 return next(answers, None) or real.ensure()
 
-        session = await Session.open(reactor, environ=self.env, finder=StaleFirst())
-        self.addCleanup(session.close)
-        self.assertEqual(session._source.address.port, self.ports[1])
-        self.assertEqual((await session.query("SELECT 1")).rows, [(1,)])
-        self.assert_only_pinged(fake)
+        session = await clients.open(finder=StaleFirst())
+        assert session._source.address.port == clients.ports[1]
+        assert (await session.query("SELECT 1")).rows == [(1,)]
+        assert_only_pinged(fake)
 
-    async def test_session_open_on_another_users_pinned_port_fails_naming_them(self) -> None:
-        fake = self.fake()
-        with self.assertRaises(DaemonUnavailable) as caught:
-            await Session.open(reactor, environ=self.env, port=fake.port)
-        message = str(caught.exception)
-        self.assertIn(f"Port {fake.port} is held by another user, nobody (uid {NOBODY})",
-                      message)
-        self.assertIn("HYPERDB_DAEMON_PORT", message)
-        self.assertFalse(any(_listening(port) for port in self.ports[1:]))
-        self.assert_only_pinged(fake)
+    @pytest_twisted.ensureDeferred
+    async def test_session_open_on_another_users_pinned_port_fails_naming_them(
+            self, clients: Clients, fakes: Fakes) -> None:
+        fake = fakes()
+        with pytest.raises(DaemonUnavailable) as caught:
+            await Session.open(reactor, environ=clients.env, port=fake.port)
+        message = str(caught.value)
+        assert f"Port {fake.port} is held by another user, nobody (uid {NOBODY})" in message
+        assert "HYPERDB_DAEMON_PORT" in message
+        assert not any(_listening(port) for port in clients.ports[1:])
+        assert_only_pinged(fake)
 
-    async def test_health_requests_check_their_own_connection(self) -> None:
+    @pytest_twisted.ensureDeferred
+    async def test_health_requests_check_their_own_connection(
+            self, fakes: Fakes, monkeypatch: pytest.MonkeyPatch) -> None:
         # Even where the listener's owner is not known (or it changed hands
         # since), STATUS and STOP go only to a connection this user accepted.
-        fake = self.fake()
-        self.patch(peeruid, "listener_uid", lambda port, host="127.0.0.1": None)
+        fake = fakes()
+        monkeypatch.setattr(peeruid, "listener_uid", lambda port, host="127.0.0.1": None)
         probe = await deferToThread(healthclient.probe_port, fake.port)
-        self.assertEqual((probe.state, probe.version, probe.owner),
-                         (PortState.OTHER_USER, FAKE_VERSION, NOBODY))
-        with self.assertRaises(OtherUsersPort):
+        assert ((probe.state, probe.version, probe.owner)
+                == (PortState.OTHER_USER, FAKE_VERSION, NOBODY))
+        with pytest.raises(OtherUsersPort):
             await deferToThread(healthclient.status, fake.port)
-        with self.assertRaises(OtherUsersPort):
+        with pytest.raises(OtherUsersPort):
             await deferToThread(healthclient.connect_own, fake.port)
         fake.stop()
-        self.assertEqual(fake.lines(), ["PING"] * 3)
+        assert fake.lines() == ["PING"] * 3
 
 
-class CommandLineTests(FakeDaemonTestCase):
-    async def test_daemon_status_does_not_report_another_users_daemon(self) -> None:
-        fake = self.fake()
-        result = await deferToThread(self.cli, "daemon", "status", "--json")
-        self.assertEqual(result.returncode, 1)
-        self.assertEqual(result.stdout, "")
-        self.assertEqual(result.stderr.splitlines(), [
+class CommandLineTests:
+    @pytest_twisted.ensureDeferred
+    async def test_daemon_status_does_not_report_another_users_daemon(
+            self, clients: Clients, fakes: Fakes) -> None:
+        fake = fakes()
+        result = await deferToThread(cli, clients.env, "daemon", "status", "--json")
+        assert result.returncode == 1
+        assert result.stdout == ""
+        assert result.stderr.splitlines() == [
             f"hyperdb-mcp: skipped port {fake.port}: it is held by another user, "
             f"nobody (uid {NOBODY}).",
             NO_DAEMON,
-        ])
-        self.assert_only_pinged(fake)
+        ]
+        assert_only_pinged(fake)
 
-    async def test_daemon_status_finds_its_own_daemon_past_another_users(self) -> None:
-        fake = self.fake()
-        daemon = DaemonProcess(self.state, self.ports[2], "--idle-timeout", "0",
-                               env=self.env).start()
-        self.addCleanup(daemon.kill)
+    @pytest_twisted.ensureDeferred
+    async def test_daemon_status_finds_its_own_daemon_past_another_users(
+            self, clients: Clients, fakes: Fakes, daemons: list[DaemonProcess]) -> None:
+        fake = fakes()
+        daemon = DaemonProcess(clients.state, clients.ports[2], "--idle-timeout", "0",
+                               env=clients.env).start()
+        daemons.append(daemon)
         await deferToThread(daemon.wait_ready)
-        result = await deferToThread(self.cli, "daemon", "status", "--json")
-        self.assertEqual(result.returncode, 0, result.stderr)
-        self.assertEqual(json.loads(result.stdout)["pid"], daemon.pid)
-        self.assert_only_pinged(fake)
+        result = await deferToThread(cli, clients.env, "daemon", "status", "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout)["pid"] == daemon.pid
+        assert_only_pinged(fake)
 
-    async def test_daemon_stop_does_not_stop_another_users_daemon(self) -> None:
-        fake = self.fake()
-        result = await deferToThread(self.cli, "daemon", "stop")
-        self.assertEqual(result.returncode, 1)
-        self.assertEqual(result.stderr.splitlines()[-1], NO_DAEMON)
-        self.assert_only_pinged(fake)
+    @pytest_twisted.ensureDeferred
+    async def test_daemon_stop_does_not_stop_another_users_daemon(
+            self, clients: Clients, fakes: Fakes) -> None:
+        fake = fakes()
+        result = await deferToThread(cli, clients.env, "daemon", "stop")
+        assert result.returncode == 1
+        assert result.stderr.splitlines()[-1] == NO_DAEMON
+        assert_only_pinged(fake)
 
-    async def test_status_and_stop_on_another_users_pinned_port_name_them(self) -> None:
-        fake = self.fake()
+    @pytest_twisted.ensureDeferred
+    async def test_status_and_stop_on_another_users_pinned_port_name_them(
+            self, clients: Clients, fakes: Fakes) -> None:
+        fake = fakes()
         for action in ("status", "stop"):
-            result = await deferToThread(self.cli, "daemon", action, "--port", str(fake.port))
-            self.assertEqual(result.returncode, 1)
-            self.assertEqual(result.stderr.splitlines(), [
+            result = await deferToThread(cli, clients.env, "daemon", action,
+                                         "--port", str(fake.port))
+            assert result.returncode == 1
+            assert result.stderr.splitlines() == [
                 f"hyperdb-mcp: port {fake.port} is held by another user, nobody "
                 f"(uid {NOBODY}), not by your daemon: pin a port of your own with --port or "
                 f"HYPERDB_DAEMON_PORT."
-            ], action)
-        self.assert_only_pinged(fake)
+            ], action
+        assert_only_pinged(fake)
 
 
-class StartingDaemonTests(FakeDaemonTestCase):
-    async def test_a_daemon_starts_beside_another_users_daemon(self) -> None:
-        fake = self.fake()
-        daemon = DaemonProcess(self.state, self.ports[1], "--idle-timeout", "0", env=self.env)
+class StartingDaemonTests:
+    @pytest_twisted.ensureDeferred
+    async def test_a_daemon_starts_beside_another_users_daemon(
+            self, clients: Clients, fakes: Fakes, daemons: list[DaemonProcess]) -> None:
+        fake = fakes()
+        daemon = DaemonProcess(clients.state, clients.ports[1], "--idle-timeout", "0",
+                               env=clients.env)
         daemon.args.remove("--port")
-        daemon.args.remove(str(self.ports[1]))  # no pinned port: it scans the range
+        daemon.args.remove(str(clients.ports[1]))  # no pinned port: it scans the range
         daemon.start()
-        self.addCleanup(daemon.kill)
+        daemons.append(daemon)
         facts = await deferToThread(daemon.wait_ready)
-        self.assertEqual((facts["pid"], facts["health_port"]), (daemon.pid, self.ports[1]))
-        self.assert_only_pinged(fake)
+        assert (facts["pid"], facts["health_port"]) == (daemon.pid, clients.ports[1])
+        assert_only_pinged(fake)
         daemon.proc.send_signal(signal.SIGTERM)
-        self.assertEqual(await deferToThread(daemon.wait_exit), 0)
-        self.assertIn(f"port {fake.port} is held by another user, nobody (uid {NOBODY}): "
-                      f"skipped", daemon.output())
+        assert await deferToThread(daemon.wait_exit) == 0
+        assert (f"port {fake.port} is held by another user, nobody (uid {NOBODY}): "
+                f"skipped" in daemon.output())
 
-    async def test_a_daemon_on_another_users_pinned_port_refuses_naming_them(self) -> None:
-        fake = self.fake()
-        result = await deferToThread(self.cli, "daemon", "--port", str(fake.port))
-        self.assertEqual(result.returncode, 1)
-        self.assertEqual(result.stderr.splitlines(), [
+    @pytest_twisted.ensureDeferred
+    async def test_a_daemon_on_another_users_pinned_port_refuses_naming_them(
+            self, clients: Clients, fakes: Fakes) -> None:
+        fake = fakes()
+        result = await deferToThread(cli, clients.env, "daemon", "--port", str(fake.port))
+        assert result.returncode == 1
+        assert result.stderr.splitlines() == [
             f"hyperdb-mcp daemon: Port {fake.port} is held by another user, nobody "
             f"(uid {NOBODY}): pin a port of your own with --port or HYPERDB_DAEMON_PORT."
-        ])
-        self.assert_only_pinged(fake)
+        ]
+        assert_only_pinged(fake)
 
 
 def _listening(port: int) -> bool:
