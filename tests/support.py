@@ -79,6 +79,52 @@ def within(running: Any, seconds: float, message: str) -> Any:
     return outcome
 
 
+def success_result_of(d: Any) -> Any:
+    """The result C{d} already has; it fails the test if C{d} has none yet or failed."""
+    from twisted.python.failure import Failure
+
+    results: list[Any] = []
+    d.addBoth(results.append)
+    if not results:
+        raise AssertionError(f"{d!r} has no result yet")
+    if isinstance(results[0], Failure):
+        raise AssertionError(f"{d!r} failed:\n{results[0].getTraceback()}")
+    return results[0]
+
+
+def failure_result_of(d: Any, *kinds: type[BaseException]) -> Any:
+    """
+    The failure C{d} already has (a L{Failure}), of one of C{kinds} if any
+    are given; it fails the test if C{d} has no result yet or succeeded.
+    """
+    from twisted.python.failure import Failure
+
+    results: list[Any] = []
+    d.addBoth(results.append)
+    if not results:
+        raise AssertionError(f"{d!r} has no result yet")
+    failure = results[0]
+    if not isinstance(failure, Failure):
+        raise AssertionError(f"{d!r} succeeded with {failure!r}")
+    if kinds and not failure.check(*kinds):
+        raise AssertionError(f"{d!r} failed with {failure.type.__name__}, not one of "
+                             f"{[kind.__name__ for kind in kinds]}:\n{failure.getTraceback()}")
+    return failure
+
+
+def assert_no_result(d: Any) -> None:
+    """C{d} has no result yet (and is left as it is)."""
+    results: list[Any] = []
+
+    def seen(result: Any) -> Any:
+        results.append(result)
+        return result
+
+    d.addBoth(seen)
+    if results:
+        raise AssertionError(f"{d!r} already has a result: {results[0]!r}")
+
+
 async def until(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
     """L{wait_for} for asynchronous tests: waits without blocking the reactor."""
     from twisted.internet import reactor

@@ -10,17 +10,18 @@ import hashlib
 import os
 import struct
 from pathlib import Path
+from typing import AsyncIterator
 
 import pytest
+import pytest_twisted
 from twisted.internet import defer, reactor
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from hyperdaemon import pgwire
 from hyperdaemon.config import hyperd_executable
 from hyperdaemon.supervisor import HyperdInstance, HyperdSupervisor
-from support import until
+from support import assert_no_result, failure_result_of, success_result_of, until
 
 # RFC 7677, section 3.
 RFC_NONCE = "rOprNGfwEbeRWgbNEkqO"
@@ -65,13 +66,11 @@ def sent(transport: StringTransport, startup: bool = True) -> list[tuple[bytes, 
     return out
 
 
-class Pbkdf2Tests(SynchronousTestCase):
+class Pbkdf2Tests:
     def test_known_answer(self) -> None:
         # The published PBKDF2-HMAC-SHA256 vector for c=4096, dkLen=32.
-        self.assertEqual(
-            pgwire.pbkdf2_sha256(b"password", b"salt", 4096).hex(),
-            "c5e478d59288c841aa530db6845c4c8d962893a001ce4e11a4963873aa98134a",
-        )
+        assert (pgwire.pbkdf2_sha256(b"password", b"salt", 4096).hex()
+                == "c5e478d59288c841aa530db6845c4c8d962893a001ce4e11a4963873aa98134a")
 
     def test_each_key_is_derived_once(self) -> None:
         # Every connection to one hyperd gets the same salt: only the first
@@ -79,47 +78,50 @@ class Pbkdf2Tests(SynchronousTestCase):
         password, salt = os.urandom(20), os.urandom(16)
         before = pgwire.pbkdf2_sha256.cache_info()
         first = pgwire.pbkdf2_sha256(password, salt, 4096)
-        self.assertEqual(pgwire.pbkdf2_sha256(password, salt, 4096), first)
+        assert pgwire.pbkdf2_sha256(password, salt, 4096) == first
         after = pgwire.pbkdf2_sha256.cache_info()
-        self.assertEqual((after.misses - before.misses, after.hits - before.hits), (1, 1))
+        assert (after.misses - before.misses, after.hits - before.hits) == (1, 1)
 
     def test_matches_hashlib_for_long_passwords(self) -> None:
         if not hasattr(hashlib, "pbkdf2_hmac"):
-            raise self.skipTest("this Python has no OpenSSL pbkdf2_hmac to compare with")
+            pytest.skip("this Python has no OpenSSL pbkdf2_hmac to compare with")
         password, salt = os.urandom(100), os.urandom(16)
-        self.assertEqual(pgwire.pbkdf2_sha256(password, salt, 7),
-                         hashlib.pbkdf2_hmac("sha256", password, salt, 7))
+        assert (pgwire.pbkdf2_sha256(password, salt, 7)
+                == hashlib.pbkdf2_hmac("sha256", password, salt, 7))
 
 
-class ScramTests(SynchronousTestCase):
+class ScramTests:
     def test_rfc_7677_exchange(self) -> None:
         client = pgwire.ScramClient("pencil", nonce=RFC_NONCE, user="user")
-        self.assertEqual(client.first_message(), b"n,,n=user,r=" + RFC_NONCE.encode())
-        self.assertEqual(client.final_message(RFC_SERVER_FIRST), RFC_CLIENT_FINAL)
+        assert client.first_message() == b"n,,n=user,r=" + RFC_NONCE.encode()
+        assert client.final_message(RFC_SERVER_FIRST) == RFC_CLIENT_FINAL
         client.verify(RFC_SERVER_FINAL)
-        self.assertTrue(client.verified)
+        assert client.verified
 
     def test_user_name_is_left_to_the_startup_message(self) -> None:
-        self.assertEqual(pgwire.ScramClient("pw", nonce="abc").first_message(), b"n,,n=,r=abc")
+        assert pgwire.ScramClient("pw", nonce="abc").first_message() == b"n,,n=,r=abc"
 
     def test_server_signature_that_does_not_match_is_refused(self) -> None:
         client = pgwire.ScramClient("pencil", nonce=RFC_NONCE, user="user")
         client.final_message(RFC_SERVER_FIRST)
         forged = b"v=" + base64.b64encode(b"\x00" * 32)
-        self.assertRaises(pgwire.PGError, client.verify, forged)
+        with pytest.raises(pgwire.PGError):
+            client.verify(forged)
 
     def test_challenge_that_does_not_extend_our_nonce_is_refused(self) -> None:
         client = pgwire.ScramClient("pencil", nonce="other")
-        self.assertRaises(pgwire.PGError, client.final_message, RFC_SERVER_FIRST)
+        with pytest.raises(pgwire.PGError):
+            client.final_message(RFC_SERVER_FIRST)
 
     def test_malformed_challenges_are_refused(self) -> None:
         for challenge in (b"", b"r=x", b"r=abc,s=***,i=1", b"r=abc,s=AAAA,i=zero",
                           b"r=abc,s=AAAA,i=0", b"\xff"):
             client = pgwire.ScramClient("pw", nonce="abc")
-            self.assertRaises(pgwire.PGError, client.final_message, challenge)
+            with pytest.raises(pgwire.PGError):
+                client.final_message(challenge)
 
 
-class ProtocolTests(SynchronousTestCase):
+class ProtocolTests:
     def connect(self, password: str | None = "pw") -> tuple[pgwire.PGClientProtocol,
                                                             StringTransport]:
         protocol = pgwire.PGClientProtocol("someone", password)
@@ -130,51 +132,51 @@ class ProtocolTests(SynchronousTestCase):
     def ready(self) -> tuple[pgwire.PGClientProtocol, StringTransport]:
         protocol, transport = self.connect()
         protocol.dataReceived(auth(pgwire.AUTH_OK) + message(b"S", b"a\x00b\x00") + READY)
-        self.successResultOf(protocol.ready)
+        success_result_of(protocol.ready)
         transport.clear()
         return protocol, transport
 
     def test_startup_message_names_the_user(self) -> None:
         _, transport = self.connect()
         body = struct.pack("!I", pgwire.PROTOCOL_VERSION) + b"user\x00someone\x00\x00"
-        self.assertEqual(transport.value(), struct.pack("!I", len(body) + 4) + body)
+        assert transport.value() == struct.pack("!I", len(body) + 4) + body
 
     def test_ready_after_authentication_and_ready_for_query(self) -> None:
         protocol, _ = self.connect()
         protocol.dataReceived(auth(pgwire.AUTH_OK))
-        self.assertNoResult(protocol.ready)
+        assert_no_result(protocol.ready)
         protocol.dataReceived(READY)
-        self.assertIs(self.successResultOf(protocol.ready), protocol)
+        assert success_result_of(protocol.ready) is protocol
 
     def test_messages_split_anywhere_are_reassembled(self) -> None:
         protocol, _ = self.connect()
         for byte in auth(pgwire.AUTH_OK) + READY:
             protocol.dataReceived(bytes([byte]))
-        self.successResultOf(protocol.ready)
+        success_result_of(protocol.ready)
 
     def test_cleartext_password(self) -> None:
         protocol, transport = self.connect()
         transport.clear()
         protocol.dataReceived(auth(pgwire.AUTH_CLEARTEXT))
-        self.assertEqual(transport.value(), message(b"p", b"pw\x00"))
+        assert transport.value() == message(b"p", b"pw\x00")
 
     def test_scram_exchange_sends_mechanism_then_proof(self) -> None:
         protocol, transport = self.connect()
         protocol.dataReceived(auth(pgwire.AUTH_SASL, b"SCRAM-SHA-256\x00\x00"))
         [(kind, payload)] = sent(transport)
-        self.assertEqual(kind, b"p")
-        self.assertTrue(payload.startswith(b"SCRAM-SHA-256\x00"))
+        assert kind == b"p"
+        assert payload.startswith(b"SCRAM-SHA-256\x00")
         first = payload[len(b"SCRAM-SHA-256\x00") + 4:]
-        self.assertTrue(first.startswith(b"n,,n=,r="))
+        assert first.startswith(b"n,,n=,r=")
         nonce = first[len(b"n,,n=,r="):]
         protocol.dataReceived(auth(pgwire.AUTH_SASL_CONTINUE,
                                    b"r=" + nonce + b"srv,s=QUJD,i=2"))
         kind, proof = sent(transport)[1]
-        self.assertTrue(proof.startswith(b"c=biws,r=" + nonce + b"srv,p="))
+        assert proof.startswith(b"c=biws,r=" + nonce + b"srv,p=")
         # A wrong server signature ends the connection before it is ready.
         protocol.dataReceived(auth(pgwire.AUTH_SASL_FINAL, b"v=AAAA"))
-        self.assertIsInstance(self.failureResultOf(protocol.ready).value, pgwire.PGError)
-        self.assertTrue(transport.disconnecting)
+        assert isinstance(failure_result_of(protocol.ready).value, pgwire.PGError)
+        assert transport.disconnecting
 
     def test_scram_without_the_server_signature_is_refused(self) -> None:
         protocol, transport = self.connect()
@@ -183,105 +185,105 @@ class ProtocolTests(SynchronousTestCase):
         nonce = first[len(b"n,,n=,r="):]
         protocol.dataReceived(auth(pgwire.AUTH_SASL_CONTINUE, b"r=" + nonce + b"x,s=QUJD,i=2"))
         protocol.dataReceived(auth(pgwire.AUTH_OK) + READY)  # no SASL final message
-        self.failureResultOf(protocol.ready, pgwire.PGError)
-        self.assertTrue(transport.disconnecting)
+        failure_result_of(protocol.ready, pgwire.PGError)
+        assert transport.disconnecting
 
     def test_malformed_row_breaks_the_connection(self) -> None:
         protocol, transport = self.ready()
         d = protocol.query("SELECT 1")
         protocol.dataReceived(message(b"D", b"\x00\x01\x00"))  # a truncated column
-        self.failureResultOf(d, pgwire.PGError)
-        self.assertTrue(transport.disconnecting)
+        failure_result_of(d, pgwire.PGError)
+        assert transport.disconnecting
 
     def test_password_asked_but_none_known(self) -> None:
         protocol, transport = self.connect(password=None)
         protocol.dataReceived(auth(pgwire.AUTH_SASL, b"SCRAM-SHA-256\x00\x00"))
-        failure = self.failureResultOf(protocol.ready, pgwire.PGError)
-        self.assertIn("password", str(failure.value))
+        failure = failure_result_of(protocol.ready, pgwire.PGError)
+        assert "password" in str(failure.value)
 
     def test_unknown_authentication_is_refused(self) -> None:
         protocol, _ = self.connect()
         protocol.dataReceived(auth(5, b"salt"))  # MD5
-        self.failureResultOf(protocol.ready, pgwire.PGError)
+        failure_result_of(protocol.ready, pgwire.PGError)
 
     def test_refusal_during_startup_fails_ready_with_sqlstate(self) -> None:
         protocol, transport = self.connect()
         protocol.dataReceived(error("could not connect", "42501"))
-        failure = self.failureResultOf(protocol.ready, pgwire.PGError)
-        self.assertEqual(failure.value.sqlstate, "42501")
-        self.assertTrue(protocol.closed)
+        failure = failure_result_of(protocol.ready, pgwire.PGError)
+        assert failure.value.sqlstate == "42501"
+        assert protocol.closed
 
     def test_query_returns_rows_as_text_or_none(self) -> None:
         protocol, transport = self.ready()
         d = protocol.query("SELECT 1")
-        self.assertEqual(sent(transport, startup=False), [(b"Q", b"SELECT 1\x00")])
+        assert sent(transport, startup=False) == [(b"Q", b"SELECT 1\x00")]
         protocol.dataReceived(message(b"T", b"...") + data_row(b"1", None) + data_row(b"2", b"x")
                               + message(b"C", b"SELECT 2\x00"))
-        self.assertNoResult(d)
+        assert_no_result(d)
         protocol.dataReceived(READY)
-        self.assertEqual(self.successResultOf(d), [("1", None), ("2", "x")])
+        assert success_result_of(d) == [("1", None), ("2", "x")]
 
     def test_query_error_fails_only_that_query(self) -> None:
         protocol, transport = self.ready()
         bad, good = protocol.query("SELEC"), protocol.query("SELECT 2")
         protocol.dataReceived(error("syntax error", "42601") + READY)
-        self.assertEqual(self.failureResultOf(bad, pgwire.PGError).value.sqlstate, "42601")
+        assert failure_result_of(bad, pgwire.PGError).value.sqlstate == "42601"
         protocol.dataReceived(data_row(b"2") + READY)
-        self.assertEqual(self.successResultOf(good), [("2",)])
-        self.assertFalse(protocol.closed)
+        assert success_result_of(good) == [("2",)]
+        assert not protocol.closed
 
     def test_queries_are_sent_one_at_a_time(self) -> None:
         protocol, transport = self.ready()
         protocol.query("SELECT 1")
         protocol.query("SELECT 2")
-        self.assertEqual(sent(transport, startup=False), [(b"Q", b"SELECT 1\x00")])
+        assert sent(transport, startup=False) == [(b"Q", b"SELECT 1\x00")]
         protocol.dataReceived(READY)
-        self.assertEqual(sent(transport, startup=False)[1:], [(b"Q", b"SELECT 2\x00")])
+        assert sent(transport, startup=False)[1:] == [(b"Q", b"SELECT 2\x00")]
 
     def test_cancelled_running_query_drops_the_connection(self) -> None:
         protocol, transport = self.ready()
         d = protocol.query("SELECT 1")
         d.cancel()
-        self.failureResultOf(d, defer.CancelledError)
-        self.assertTrue(protocol.closed)
-        self.assertTrue(transport.disconnecting)
+        failure_result_of(d, defer.CancelledError)
+        assert protocol.closed
+        assert transport.disconnecting
 
     def test_cancelled_waiting_query_is_never_sent(self) -> None:
         protocol, transport = self.ready()
         protocol.query("SELECT 1")
         waiting = protocol.query("SELECT 2")
         waiting.cancel()
-        self.failureResultOf(waiting, defer.CancelledError)
+        failure_result_of(waiting, defer.CancelledError)
         protocol.dataReceived(READY)
-        self.assertEqual([payload for _, payload in sent(transport, startup=False)], [b"SELECT 1\x00"])
-        self.assertFalse(protocol.closed)
+        assert [payload for _, payload in sent(transport, startup=False)] == [b"SELECT 1\x00"]
+        assert not protocol.closed
 
     def test_lost_connection_fails_pending_queries(self) -> None:
         protocol, _ = self.ready()
         running, waiting = protocol.query("SELECT 1"), protocol.query("SELECT 2")
         protocol.connectionLost(Failure(ConnectionResetError()))
-        self.failureResultOf(running, pgwire.PGError)
-        self.failureResultOf(waiting, pgwire.PGError)
-        self.failureResultOf(protocol.query("SELECT 3"), pgwire.PGError)
+        failure_result_of(running, pgwire.PGError)
+        failure_result_of(waiting, pgwire.PGError)
+        failure_result_of(protocol.query("SELECT 3"), pgwire.PGError)
 
     def test_oversized_message_breaks_the_connection(self) -> None:
         protocol, transport = self.ready()
         d = protocol.query("SELECT 1")
         protocol.dataReceived(b"D" + struct.pack("!I", pgwire.MAX_MESSAGE + 1))
-        self.failureResultOf(d, pgwire.PGError)
-        self.assertTrue(transport.disconnecting)
+        failure_result_of(d, pgwire.PGError)
+        assert transport.disconnecting
 
     def test_close_says_goodbye(self) -> None:
         protocol, transport = self.ready()
         protocol.close()
-        self.assertEqual(transport.value(), message(b"X"))
-        self.assertTrue(transport.disconnecting)
+        assert transport.value() == message(b"X")
+        assert transport.disconnecting
 
     def test_connect_times_out_when_nothing_answers(self) -> None:
         memory = MemoryReactorClock()
         d = pgwire.connect(memory, "127.0.0.1", 5, "someone", "pw", 2.0)
         memory.advance(2.0)
-        self.failureResultOf(d, defer.TimeoutError)
+        failure_result_of(d, defer.TimeoutError)
 
     def test_connect_times_out_when_never_ready(self) -> None:
         memory = MemoryReactorClock()
@@ -291,41 +293,42 @@ class ProtocolTests(SynchronousTestCase):
         transport = StringTransport()
         protocol.makeConnection(transport)
         memory.advance(2.0)
-        self.failureResultOf(d, defer.TimeoutError)
-        self.assertTrue(transport.disconnecting)
+        failure_result_of(d, defer.TimeoutError)
+        assert transport.disconnecting
 
 
-class RealHyperdTests(TestCase):
+@pytest_twisted.async_yield_fixture
+async def hyperd(tmp_path: Path) -> AsyncIterator[HyperdInstance]:
+    """A real hyperd, with the random password the supervisor gives it; stopped at the end."""
+    ready: list[HyperdInstance] = []
+    supervisor = HyperdSupervisor(reactor, hyperd_executable(os.environ), tmp_path / "logs",
+                                  False, on_ready=ready.append, on_give_up=lambda _: None)
+    supervisor.startService()
+    try:
+        await until(lambda: ready, 60, "hyperd to be ready")
+        yield ready[0]
+    finally:
+        await supervisor.stopService()
+
+
+class RealHyperdTests:
     """Against the real hyperd, with the random password the supervisor gives it."""
 
-    timeout = 120
+    @pytest_twisted.ensureDeferred
+    async def test_query_and_error_on_real_hyperd(self, hyperd: HyperdInstance) -> None:
+        connection = await pgwire.connect(reactor, hyperd.host, hyperd.port, hyperd.user,
+                                          hyperd.password, 5.0)
+        try:
+            assert await connection.query("SELECT 20 + 22, NULL") == [("42", None)]
+            with pytest.raises(pgwire.PGError) as caught:
+                await connection.query("SELEC 1")
+            assert caught.value.sqlstate == "42601"
+            assert await connection.query("SELECT 'after'") == [("after",)]
+        finally:
+            connection.close()
 
-    @pytest.fixture(autouse=True)
-    def _tmp(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-
-    async def hyperd(self) -> HyperdInstance:
-        ready: list[HyperdInstance] = []
-        supervisor = HyperdSupervisor(reactor, hyperd_executable(os.environ), self.tmp / "logs",
-                                      False, on_ready=ready.append, on_give_up=lambda _: None)
-        supervisor.startService()
-        self.addCleanup(supervisor.stopService)
-        await until(lambda: ready, 60, "hyperd to be ready")
-        return ready[0]
-
-    async def test_query_and_error_on_real_hyperd(self) -> None:
-        instance = await self.hyperd()
-        connection = await pgwire.connect(reactor, instance.host, instance.port, instance.user,
-                                          instance.password, 5.0)
-        self.addCleanup(connection.close)
-        self.assertEqual(await connection.query("SELECT 20 + 22, NULL"), [("42", None)])
-        with self.assertRaises(pgwire.PGError) as caught:
-            await connection.query("SELEC 1")
-        self.assertEqual(caught.exception.sqlstate, "42601")
-        self.assertEqual(await connection.query("SELECT 'after'"), [("after",)])
-
-    async def test_wrong_password_is_refused_by_real_hyperd(self) -> None:
-        instance = await self.hyperd()
-        with self.assertRaises(pgwire.PGError):
-            await pgwire.connect(reactor, instance.host, instance.port, instance.user,
-                                 instance.password + "x", 5.0)
+    @pytest_twisted.ensureDeferred
+    async def test_wrong_password_is_refused_by_real_hyperd(self, hyperd: HyperdInstance) -> None:
+        with pytest.raises(pgwire.PGError):
+            await pgwire.connect(reactor, hyperd.host, hyperd.port, hyperd.user,
+                                 hyperd.password + "x", 5.0)
