@@ -12,10 +12,11 @@ import socket
 import stat
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, AsyncIterator, Callable, Iterator
 
+import attrs
 import pytest
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+import pytest_twisted
 
 from hyperdaemon import __version__
 from support import (
@@ -41,79 +42,80 @@ def daemon_port(port: int) -> int:
     return port
 
 
-class DaemonTestCase(SynchronousTestCase):
+class DaemonTestCase:
+    """Tests with daemon processes of their own, in the test's folder (C{self.tmp})."""
+
     @pytest.fixture(autouse=True)
-    def _tmp(self, tmp_path):
+    def _world(self, tmp_path: Path, daemons: list[DaemonProcess]) -> None:
         self.tmp = tmp_path
+        self._daemons = daemons
 
     def start_daemon(self, *extra: str, port: int | None = None,
                      env: dict[str, str] | None = None) -> DaemonProcess:
         daemon = DaemonProcess(self.tmp / "state", port, *extra, env=env).start()
-        self.addCleanup(daemon.kill)
+        self._daemons.append(daemon)
         return daemon
 
     def assert_gone(self, daemon: DaemonProcess, hyperd_pid: int) -> None:
         """The daemon exited 0, freed its port, removed its file, took hyperd."""
-        self.assertEqual(daemon.wait_exit(), 0)
-        self.assertTrue(port_is_free(daemon.port))
-        self.assertFalse(daemon.record_path.exists())
+        assert daemon.wait_exit() == 0
+        assert port_is_free(daemon.port)
+        assert not daemon.record_path.exists()
         wait_for(lambda: not pid_alive(hyperd_pid), QUICK, "hyperd to exit")
 
 
 class CommandTests(DaemonTestCase):
     """Every command of SPEC.md against a running daemon."""
 
-    def setUp(self) -> None:
+    @pytest.fixture(autouse=True)
+    def _daemon(self, _world: None) -> None:
         self.daemon = self.start_daemon("--idle-timeout", "0")
         self.facts = self.daemon.wait_ready()
 
     def test_ping_identifies_the_daemon(self) -> None:
-        self.assertEqual(ask(self.daemon.port, "PING"), [f"PONG hyperdb-mcp {__version__}"])
+        assert ask(self.daemon.port, "PING") == [f"PONG hyperdb-mcp {__version__}"]
 
     def test_heartbeat_answers_ok(self) -> None:
-        self.assertEqual(ask(self.daemon.port, "HEARTBEAT"), ["OK"])
+        assert ask(self.daemon.port, "HEARTBEAT") == ["OK"]
 
     def test_status_has_the_spec_fields(self) -> None:
         facts = status(self.daemon.port)
         record = self.daemon.record()
         for field in ("pid", "hyperd_endpoint", "health_port", "started_at", "version",
                       "hyperd_user", "hyperd_password"):
-            self.assertEqual(facts[field], record[field], field)
-        self.assertEqual(facts["pid"], self.daemon.pid)
-        self.assertEqual(facts["health_port"], self.daemon.port)
-        self.assertEqual(facts["version"], __version__)
-        self.assertTrue(pid_alive(facts["hyperd_pid"]))
-        self.assertEqual(facts["restarts"], 0)
-        self.assertEqual(facts["idle_timeout_s"], 0)
-        self.assertIs(facts["compat"], False)
-        self.assertEqual(facts["sessions"], [])
-        self.assertIsInstance(facts["uptime_s"], float)
+            assert facts[field] == record[field], field
+        assert facts["pid"] == self.daemon.pid
+        assert facts["health_port"] == self.daemon.port
+        assert facts["version"] == __version__
+        assert pid_alive(facts["hyperd_pid"])
+        assert facts["restarts"] == 0
+        assert facts["idle_timeout_s"] == 0
+        assert facts["compat"] is False
+        assert facts["sessions"] == []
+        assert isinstance(facts["uptime_s"], float)
 
     def test_several_commands_on_one_connection(self) -> None:
         replies = ask(self.daemon.port, "PING", "HEARTBEAT", "NONSENSE", "PING")
-        self.assertEqual(
-            replies,
-            [f"PONG hyperdb-mcp {__version__}", "OK", "ERR unknown command",
-             f"PONG hyperdb-mcp {__version__}"],
-        )
+        assert replies == [f"PONG hyperdb-mcp {__version__}", "OK", "ERR unknown command",
+                           f"PONG hyperdb-mcp {__version__}"]
 
     def test_report_hyperd_error_keeps_a_healthy_hyperd(self) -> None:
         before = self.facts["hyperd_pid"]
-        self.assertEqual(ask(self.daemon.port, "REPORT_HYPERD_ERROR"), ["OK"])
+        assert ask(self.daemon.port, "REPORT_HYPERD_ERROR") == ["OK"]
         # The check it triggers must pass; afterwards the same hyperd serves.
         after = status(self.daemon.port)
-        self.assertEqual(after["hyperd_pid"], before)
-        self.assertEqual(after["restarts"], 0)
-        self.assertEqual(hyperd_query(after), 2)
+        assert after["hyperd_pid"] == before
+        assert after["restarts"] == 0
+        assert hyperd_query(after) == 2
 
     def test_discovery_credentials_open_a_libpq_connection(self) -> None:
-        self.assertEqual(hyperd_query(self.daemon.record(), "SELECT 6 * 7"), 42)
+        assert hyperd_query(self.daemon.record(), "SELECT 6 * 7") == 42
 
     def test_hyperd_refuses_a_wrong_password(self) -> None:
         import psycopg
 
         record = dict(self.daemon.record(), hyperd_password="not-the-password")
-        with self.assertRaises(psycopg.OperationalError):
+        with pytest.raises(psycopg.OperationalError):
             hyperd_query(record)
 
     def test_daemon_loads_neither_libpq_nor_openssl(self) -> None:
@@ -121,42 +123,47 @@ class CommandTests(DaemonTestCase):
         # protocol client, and nothing in the daemon needs OpenSSL.
         maps = Path(f"/proc/{self.daemon.pid}/maps").read_text()
         for library in ("libpq", "libcrypto", "libssl", "psycopg"):
-            self.assertNotIn(library, maps)
+            assert library not in maps
 
     def test_state_files_are_private(self) -> None:
         state = self.daemon.state_dir
-        self.assertEqual(stat.S_IMODE(state.stat().st_mode), 0o700)
-        self.assertEqual(stat.S_IMODE((state / "logs").stat().st_mode), 0o700)
-        self.assertEqual(stat.S_IMODE(self.daemon.record_path.stat().st_mode), 0o600)
-        self.assertEqual(stat.S_IMODE((state / "logs" / "daemon.log").stat().st_mode), 0o600)
+        assert stat.S_IMODE(state.stat().st_mode) == 0o700
+        assert stat.S_IMODE((state / "logs").stat().st_mode) == 0o700
+        assert stat.S_IMODE(self.daemon.record_path.stat().st_mode) == 0o600
+        assert stat.S_IMODE((state / "logs" / "daemon.log").stat().st_mode) == 0o600
 
     def test_logs_hold_no_secret(self) -> None:
         password = self.daemon.record()["hyperd_password"]
         logs = self.daemon.state_dir / "logs"
         for path in logs.rglob("*"):
             if path.is_file():
-                self.assertNotIn(password, path.read_text(errors="replace"), str(path))
+                assert password not in path.read_text(errors="replace"), str(path)
 
     def test_stop_command_shuts_down_cleanly(self) -> None:
         with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=QUICK) as s:
             s.sendall(b"STOP\n")
-            self.assertEqual(s.makefile("rb").readline(), b"STOPPING\n")
+            assert s.makefile("rb").readline() == b"STOPPING\n"
         self.assert_gone(self.daemon, self.facts["hyperd_pid"])
 
 
 class SessionCommandTests(DaemonTestCase):
     """SESSION, READY and BYE on the wire, against the real daemon and hyperd."""
 
-    def setUp(self) -> None:
+    @pytest.fixture(autouse=True)
+    def _daemon(self, _world: None) -> Iterator[None]:
         self.daemon = self.start_daemon("--idle-timeout", "0")
         self.daemon.wait_ready()
         self.folder = self.daemon.state_dir / "sessions" / f"{os.getpid()}-test"
         self.folder.mkdir()
         self.ephemeral = self.folder / "scratch.hyper"
+        self.sockets: list[socket.socket] = []
+        yield
+        for s in self.sockets:
+            s.close()
 
     def connect(self) -> tuple[socket.socket, Any]:
         s = socket.create_connection(("127.0.0.1", self.daemon.port), timeout=QUICK)
-        self.addCleanup(s.close)
+        self.sockets.append(s)
         return s, s.makefile("rwb")
 
     def send(self, f: Any, line: str) -> str:
@@ -172,20 +179,19 @@ class SessionCommandTests(DaemonTestCase):
     def test_session_gives_credentials_and_is_listed(self) -> None:
         _, f = self.connect()
         reply = self.session(f)
-        self.assertTrue(reply.startswith("OK "), reply)
+        assert reply.startswith("OK "), reply
         facts = json.loads(reply[3:])
-        self.assertEqual(facts["hyperd_endpoint"], self.daemon.record()["hyperd_endpoint"])
-        self.assertEqual(hyperd_query(facts), 2)
+        assert facts["hyperd_endpoint"] == self.daemon.record()["hyperd_endpoint"]
+        assert hyperd_query(facts) == 2
         listed = status(self.daemon.port)["sessions"]
-        self.assertEqual([(s["id"], s["pid"], s["name"], s["ephemeral_db"]) for s in listed],
-                         [(facts["id"], os.getpid(), "wire", str(self.ephemeral))])
+        assert ([(s["id"], s["pid"], s["name"], s["ephemeral_db"]) for s in listed]
+                == [(facts["id"], os.getpid(), "wire", str(self.ephemeral))])
 
     def test_ready_gives_the_same_credentials(self) -> None:
         _, f = self.connect()
         reply = self.send(f, "READY")
-        self.assertTrue(reply.startswith("OK "), reply)
-        self.assertEqual(json.loads(reply[3:])["hyperd_password"],
-                         self.daemon.record()["hyperd_password"])
+        assert reply.startswith("OK "), reply
+        assert json.loads(reply[3:])["hyperd_password"] == self.daemon.record()["hyperd_password"]
 
     def test_paths_outside_the_sessions_folder_are_refused(self) -> None:
         _, f = self.connect()
@@ -193,9 +199,9 @@ class SessionCommandTests(DaemonTestCase):
         for path in (str(victim), "relative.hyper", str(self.folder / "x.txt"),
                      str(self.folder / ".." / ".." / "precious.hyper")):
             reply = self.session(f, ephemeral_db=path)
-            self.assertTrue(reply.startswith("ERR ephemeral_db"), reply)
-        self.assertTrue(self.session(f, pid="me").startswith("ERR "))
-        self.assertEqual(status(self.daemon.port)["sessions"], [])
+            assert reply.startswith("ERR ephemeral_db"), reply
+        assert self.session(f, pid="me").startswith("ERR ")
+        assert status(self.daemon.port)["sessions"] == []
 
     def test_a_dropped_session_loses_its_database_and_folder(self) -> None:
         import psycopg
@@ -211,27 +217,28 @@ class SessionCommandTests(DaemonTestCase):
             f.close()
             sock.close()  # the "client" dies: its session connection drops first
         wait_for(lambda: not self.folder.exists(), QUICK, "the session folder to go")
-        self.assertEqual(status(self.daemon.port)["sessions"], [])
+        assert status(self.daemon.port)["sessions"] == []
 
     def test_bye_leaves_cleanup_to_the_client(self) -> None:
         _, f = self.connect()
         self.session(f)
-        self.assertEqual(self.send(f, "BYE"), "OK")
-        self.assertEqual(status(self.daemon.port)["sessions"], [])
-        self.assertTrue(self.folder.exists())
+        assert self.send(f, "BYE") == "OK"
+        assert status(self.daemon.port)["sessions"] == []
+        assert self.folder.exists()
 
     def test_stop_removes_the_folders_of_attached_sessions(self) -> None:
         _, f = self.connect()
         self.session(f)
-        self.assertEqual(ask(self.daemon.port, "STOP"), ["STOPPING"])
-        self.assertEqual(self.daemon.wait_exit(), 0)
-        self.assertFalse(self.folder.exists())
+        assert ask(self.daemon.port, "STOP") == ["STOPPING"]
+        assert self.daemon.wait_exit() == 0
+        assert not self.folder.exists()
 
 
 class BadInputTests(DaemonTestCase):
     """Malformed input gets an error or a clean close; the daemon is unharmed."""
 
-    def setUp(self) -> None:
+    @pytest.fixture(autouse=True)
+    def _daemon(self, _world: None) -> None:
         self.daemon = self.start_daemon("--idle-timeout", "0")
         self.daemon.wait_ready()
 
@@ -245,8 +252,8 @@ class BadInputTests(DaemonTestCase):
             return b"".join(chunks)
 
     def assert_unharmed(self) -> None:
-        self.assertEqual(ask(self.daemon.port, "PING"), [f"PONG hyperdb-mcp {__version__}"])
-        self.assertEqual(status(self.daemon.port)["state"], "ready")
+        assert ask(self.daemon.port, "PING") == [f"PONG hyperdb-mcp {__version__}"]
+        assert status(self.daemon.port)["state"] == "ready"
 
     def test_over_long_line_is_refused_and_closed(self) -> None:
         # Just over the limit, so that the daemon has read all of it when it
@@ -254,18 +261,16 @@ class BadInputTests(DaemonTestCase):
         with socket.create_connection(("127.0.0.1", self.daemon.port), timeout=QUICK) as s:
             s.sendall(b"A" * 5000)
             reply = b"".join(iter(lambda: s.recv(65536), b""))
-        self.assertEqual(reply, b"ERR line too long\n")
+        assert reply == b"ERR line too long\n"
         self.assert_unharmed()
 
     def test_invalid_utf8_gets_an_error_and_the_connection_stays(self) -> None:
-        self.assertEqual(
-            self.raw(b"\xff\xfe\n PING \r\n"),
-            f"ERR invalid utf-8\nPONG hyperdb-mcp {__version__}\n".encode(),
-        )
+        assert (self.raw(b"\xff\xfe\n PING \r\n")
+                == f"ERR invalid utf-8\nPONG hyperdb-mcp {__version__}\n".encode())
         self.assert_unharmed()
 
     def test_binary_garbage_is_an_unknown_command(self) -> None:
-        self.assertEqual(self.raw(b"\x00\x01\x02\x03\n"), b"ERR unknown command\n")
+        assert self.raw(b"\x00\x01\x02\x03\n") == b"ERR unknown command\n"
         self.assert_unharmed()
 
     def test_connections_that_vanish_do_no_harm(self) -> None:
@@ -282,11 +287,11 @@ class LifecycleTests(DaemonTestCase):
         second = self.start_daemon("--idle-timeout", "0", port=first.port)
         code = second.wait_exit()
         out = second.output()
-        self.assertNotEqual(code, 0)
-        self.assertIn(f"already running on port {first.port}", out)
-        self.assertIn("hyperdb-mcp daemon status", out)
-        self.assertNotIn("Traceback", out)
-        self.assertEqual(status(first.port)["pid"], first.pid)
+        assert code != 0
+        assert f"already running on port {first.port}" in out
+        assert "hyperdb-mcp daemon status" in out
+        assert "Traceback" not in out
+        assert status(first.port)["pid"] == first.pid
 
     def test_ping_and_status_answer_while_hyperd_starts(self) -> None:
         from hyperdaemon.config import hyperd_executable
@@ -302,14 +307,14 @@ class LifecycleTests(DaemonTestCase):
         wrapper.chmod(0o755)
         daemon = self.start_daemon("--idle-timeout", "0", env={"HYPERD_PATH": str(wrapper)})
         wait_for(lambda: port_is_open(daemon.port), QUICK, "the health port")
-        self.assertEqual(ask(daemon.port, "PING"), [f"PONG hyperdb-mcp {__version__}"])
+        assert ask(daemon.port, "PING") == [f"PONG hyperdb-mcp {__version__}"]
         facts = status(daemon.port)
-        self.assertEqual(facts["state"], "starting")
-        self.assertIsNone(facts["hyperd_endpoint"])
-        self.assertFalse(daemon.record_path.exists())
+        assert facts["state"] == "starting"
+        assert facts["hyperd_endpoint"] is None
+        assert not daemon.record_path.exists()
         gate.touch()
         facts = daemon.wait_ready()
-        self.assertEqual(hyperd_query(daemon.record()), 2)
+        assert hyperd_query(daemon.record()) == 2
 
     def test_concurrent_starts_leave_exactly_one_daemon(self) -> None:
         port = free_port()
@@ -319,12 +324,12 @@ class LifecycleTests(DaemonTestCase):
             READY_TIMEOUT, "one daemon to be ready",
         )
         losers = [d for d in daemons if d.pid != winner["pid"]]
-        self.assertEqual(len(losers), 4)
+        assert len(losers) == 4
         for loser in losers:
-            self.assertNotEqual(loser.wait_exit(), 0)
-            self.assertEqual(children_of(loser.pid), [])
+            assert loser.wait_exit() != 0
+            assert children_of(loser.pid) == []
         hyperds = [p for d in daemons for p in children_of(d.pid)]
-        self.assertEqual(hyperds, [winner["hyperd_pid"]])
+        assert hyperds == [winner["hyperd_pid"]]
 
     def test_killed_hyperd_is_replaced_and_queryable(self) -> None:
         daemon = self.start_daemon("--idle-timeout", "0")
@@ -335,11 +340,11 @@ class LifecycleTests(DaemonTestCase):
                      else None)(status(daemon.port)),
             QUICK, "a new hyperd",
         )
-        self.assertEqual(new["restarts"], 1)
-        self.assertNotEqual(new["hyperd_endpoint"], old["hyperd_endpoint"])
+        assert new["restarts"] == 1
+        assert new["hyperd_endpoint"] != old["hyperd_endpoint"]
         wait_for(lambda: daemon.record()["hyperd_endpoint"] == new["hyperd_endpoint"],
                  QUICK, "daemon.json to name the new hyperd")
-        self.assertEqual(hyperd_query(daemon.record()), 2)
+        assert hyperd_query(daemon.record()) == 2
 
     def test_restart_limit_shuts_the_daemon_down(self) -> None:
         daemon = self.start_daemon("--idle-timeout", "0")
@@ -356,13 +361,13 @@ class LifecycleTests(DaemonTestCase):
                          else None)(status(daemon.port)),
                 QUICK, f"replacement number {n + 1}",
             )
-            self.assertEqual(facts["restarts"], n + 1)
-        self.assertEqual(daemon.wait_exit(), 1)
-        self.assertIn("giving up after 3 replacements within 60 s", daemon.output())
+            assert facts["restarts"] == n + 1
+        assert daemon.wait_exit() == 1
+        assert "giving up after 3 replacements within 60 s" in daemon.output()
         log = (daemon.state_dir / "logs" / "daemon.log").read_text()
-        self.assertIn("giving up after 3 replacements within 60 s", log)
-        self.assertTrue(port_is_free(daemon.port))
-        self.assertFalse(daemon.record_path.exists())
+        assert "giving up after 3 replacements within 60 s" in log
+        assert port_is_free(daemon.port)
+        assert not daemon.record_path.exists()
 
     def test_killed_daemon_takes_hyperd_with_it(self) -> None:
         daemon = self.start_daemon("--idle-timeout", "0")
@@ -387,7 +392,7 @@ class LifecycleTests(DaemonTestCase):
         daemon = self.start_daemon("--idle-timeout", "1")
         facts = daemon.wait_ready()
         self.assert_gone(daemon, facts["hyperd_pid"])
-        self.assertIn("idle for 1 s", daemon.output())
+        assert "idle for 1 s" in daemon.output()
 
     def test_heartbeats_keep_an_idle_daemon_alive(self) -> None:
         import time
@@ -403,24 +408,24 @@ class LifecycleTests(DaemonTestCase):
             while time.monotonic() < end:
                 f.write(b"HEARTBEAT\n")
                 f.flush()
-                self.assertEqual(f.readline(), b"OK\n")
+                assert f.readline() == b"OK\n"
                 time.sleep(0.2)  # pacing, not waiting for an outcome
-        self.assertIsNone(daemon.proc.poll())
+        assert daemon.proc.poll() is None
         # Without them it stops.
         self.assert_gone(daemon, facts["hyperd_pid"])
 
     def test_idle_timeout_from_the_environment(self) -> None:
         daemon = self.start_daemon(env={"HYPERDB_DAEMON_IDLE_TIMEOUT": "1"})
         facts = daemon.wait_ready()
-        self.assertEqual(facts["idle_timeout_s"], 1)
+        assert facts["idle_timeout_s"] == 1
         self.assert_gone(daemon, facts["hyperd_pid"])
 
     def test_compat_starts_hyperd_without_a_password(self) -> None:
         daemon = self.start_daemon("--idle-timeout", "0", "--compat")
         facts = daemon.wait_ready()
-        self.assertIs(facts["compat"], True)
-        self.assertIsNone(daemon.record()["hyperd_password"])
-        self.assertEqual(hyperd_query(daemon.record()), 2)
+        assert facts["compat"] is True
+        assert daemon.record()["hyperd_password"] is None
+        assert hyperd_query(daemon.record()) == 2
 
     def test_stop_leaves_a_successors_discovery_file(self) -> None:
         daemon = self.start_daemon("--idle-timeout", "0")
@@ -430,16 +435,16 @@ class LifecycleTests(DaemonTestCase):
 
         daemon.record_path.write_text(json.dumps(successor))
         daemon.proc.send_signal(signal.SIGTERM)
-        self.assertEqual(daemon.wait_exit(), 0)
-        self.assertEqual(json.loads(daemon.record_path.read_text()), successor)
+        assert daemon.wait_exit() == 0
+        assert json.loads(daemon.record_path.read_text()) == successor
         wait_for(lambda: not pid_alive(facts["hyperd_pid"]), QUICK, "hyperd to exit")
 
 
-class PortLockTests(SynchronousTestCase):
+class PortLockTests:
     """The health port is the single-instance lock, taken before anything starts."""
 
     @pytest.fixture(autouse=True)
-    def _tmp(self, tmp_path):
+    def _tmp(self, tmp_path: Path) -> None:
         self.tmp = tmp_path
 
     def test_busy_port_fails_privileged_start_loudly(self) -> None:
@@ -455,12 +460,12 @@ class PortLockTests(SynchronousTestCase):
             settings = DaemonSettings(port=port, state_dir=self.tmp, logs_dir=self.tmp / "logs",
                                       idle_timeout=0, hyperd=hyperd_executable(os.environ))
             service = DaemonService(reactor, settings, on_shutdown=lambda: None)
-            with self.assertRaises(StartupError) as caught:
+            with pytest.raises(StartupError) as caught:
                 service.privilegedStartService()
-        self.assertIn(f"127.0.0.1:{port}", str(caught.exception))
-        self.assertIn("hyperdb-mcp daemon status", str(caught.exception))
-        self.assertEqual(service.supervisor.state, "stopped")
-        self.assertFalse((self.tmp / "daemon.json").exists())
+        assert f"127.0.0.1:{port}" in str(caught.value)
+        assert "hyperdb-mcp daemon status" in str(caught.value)
+        assert service.supervisor.state == "stopped"
+        assert not (self.tmp / "daemon.json").exists()
 
     def test_hyperd_is_watched_only_while_sessions_are_attached(self) -> None:
         from twisted.internet import reactor
@@ -472,14 +477,14 @@ class PortLockTests(SynchronousTestCase):
                                   logs_dir=self.tmp / "logs", idle_timeout=0,
                                   hyperd=hyperd_executable(os.environ))
         service = DaemonService(reactor, settings, on_shutdown=lambda: None)
-        self.assertFalse(service.supervisor.watched)  # an idle daemon sleeps
+        assert not service.supervisor.watched  # an idle daemon sleeps
         first, _ = service.attach_session({"pid": os.getpid()})
         second, _ = service.attach_session({"pid": os.getpid()})
-        self.assertTrue(service.supervisor.watched)
+        assert service.supervisor.watched
         service.end_session(first, clean=True)
-        self.assertTrue(service.supervisor.watched)
+        assert service.supervisor.watched
         service.end_session(second, clean=True)
-        self.assertFalse(service.supervisor.watched)
+        assert not service.supervisor.watched
 
 
 NOBODY = 65534
@@ -524,8 +529,8 @@ class OtherUserTests(DaemonTestCase):
         # Every command the protocol knows, from its own table (so that a new
         # one is checked here at once), bare and with an argument, and one it
         # does not know.
-        self.assertLessEqual({"PING", "HEARTBEAT", "STATUS", "STOP", "REPORT_HYPERD_ERROR",
-                              "SESSION", "READY", "BYE"}, set(COMMANDS))
+        assert {"PING", "HEARTBEAT", "STATUS", "STOP", "REPORT_HYPERD_ERROR",
+                "SESSION", "READY", "BYE"} <= set(COMMANDS)
         argument = json.dumps({"pid": os.getpid(), "name": "intruder", "ephemeral_db": None,
                                "release": True, "path": str(self.tmp / "x.hyper")})
         lines = [line for command in (*COMMANDS, "X") for line in (command, f"{command} {argument}")]
@@ -544,12 +549,11 @@ class OtherUserTests(DaemonTestCase):
 
         replies = dict(zip(lines, run_as(NOBODY, converse).splitlines(), strict=True))
         pong = f"PONG hyperdb-mcp {__version__}"
-        self.assertEqual(replies, {line: pong if line.partition(" ")[0] == "PING"
-                                   else "ERR forbidden" for line in lines})
+        assert replies == {line: pong if line.partition(" ")[0] == "PING"
+                           else "ERR forbidden" for line in lines}
         facts = status(daemon.port)
-        self.assertEqual((facts["state"], facts["sessions"], facts["restarts"]),
-                         ("ready", [], 0))
-        self.assertIsNone(daemon.proc.poll())
+        assert (facts["state"], facts["sessions"], facts["restarts"]) == ("ready", [], 0)
+        assert daemon.proc.poll() is None
 
     def test_other_user_cannot_read_the_discovery_file(self) -> None:
         daemon = self.start_daemon("--idle-timeout", "0")
@@ -562,7 +566,7 @@ class OtherUserTests(DaemonTestCase):
                 return "denied"
             return "read"
 
-        self.assertEqual(run_as(NOBODY, read), "denied")
+        assert run_as(NOBODY, read) == "denied"
 
     def test_other_user_cannot_log_in_to_hyperd(self) -> None:
         import psycopg
@@ -571,7 +575,7 @@ class OtherUserTests(DaemonTestCase):
         facts = daemon.wait_ready()
         host, _, port = facts["hyperd_endpoint"].rpartition(":")
         # Load psycopg's lazily imported parts while files are readable.
-        with self.assertRaises(psycopg.OperationalError):
+        with pytest.raises(psycopg.OperationalError):
             psycopg.connect(host=host, port=int(port), user="tableau_internal_user",
                             password="wrong", connect_timeout=5)
 
@@ -583,7 +587,7 @@ class OtherUserTests(DaemonTestCase):
                 return "refused"
             return "connected"
 
-        self.assertEqual(run_as(NOBODY, log_in), "refused")
+        assert run_as(NOBODY, log_in) == "refused"
 
 
 # -- hostile or broken files (issue 11, item 8) ---------------------------------
@@ -614,7 +618,8 @@ def one_line(text: str) -> str:
 class HostileFileTests(DaemonTestCase):
     """Strange entries in the state directory neither crash the daemon nor lead it astray."""
 
-    def setUp(self) -> None:
+    @pytest.fixture(autouse=True)
+    def _folders(self, _world: None) -> None:
         self.state = self.tmp / "state"
         self.sessions = self.state / "sessions"
 
@@ -626,9 +631,9 @@ class HostileFileTests(DaemonTestCase):
         daemon.wait_ready()
         log = daemon_log(self.state)
         for name in strays:
-            self.assertIn(f"ignored {self.sessions / name}: not a session folder", log)
-            self.assertTrue((self.sessions / name).is_dir())
-        self.assertNotIn("Traceback", log)
+            assert f"ignored {self.sessions / name}: not a session folder" in log
+            assert (self.sessions / name).is_dir()
+        assert "Traceback" not in log
 
     def test_session_refuses_a_folder_that_is_a_symlink(self) -> None:
         daemon = self.start_daemon("--idle-timeout", "0")
@@ -641,10 +646,9 @@ class HostileFileTests(DaemonTestCase):
         link.symlink_to(outside)
         fields = {"pid": os.getpid(), "ephemeral_db": str(link / "scratch.hyper")}
         reply = ask(daemon.port, "SESSION " + json.dumps(fields))[0]
-        self.assertTrue(
-            reply.startswith("ERR ephemeral_db must not lead through a symbolic link"), reply)
-        self.assertEqual(status(daemon.port)["sessions"], [])
-        self.assertTrue(victim.is_file())
+        assert reply.startswith("ERR ephemeral_db must not lead through a symbolic link"), reply
+        assert status(daemon.port)["sessions"] == []
+        assert victim.is_file()
 
     def test_a_folder_turned_into_a_symlink_is_never_followed_when_dropped(self) -> None:
         daemon = self.start_daemon("--idle-timeout", "0")
@@ -660,15 +664,15 @@ class HostileFileTests(DaemonTestCase):
             fields = {"pid": os.getpid(), "ephemeral_db": str(folder / "scratch.hyper")}
             f.write(b"SESSION " + json.dumps(fields).encode() + b"\n")
             f.flush()
-            self.assertTrue(f.readline().startswith(b"OK "))
+            assert f.readline().startswith(b"OK ")
             # Accepted; now the folder becomes a link out of the state directory.
             folder.rmdir()
             folder.symlink_to(outside)
             f.close()
         # The connection dropped without BYE: the daemon cleans up.
         wait_for(lambda: not os.path.lexists(folder), QUICK, "the link to be removed")
-        self.assertTrue(victim.is_file())
-        self.assertIn("not dropping", daemon_log(self.state))
+        assert victim.is_file()
+        assert "not dropping" in daemon_log(self.state)
 
     @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to make a link of another user")
     def test_a_state_dir_symlink_of_another_user_is_refused(self) -> None:
@@ -678,31 +682,30 @@ class HostileFileTests(DaemonTestCase):
         self.state.symlink_to(target)
         os.lchown(self.state, NOBODY, NOBODY)
         daemon = self.start_daemon("--idle-timeout", "0")
-        self.assertEqual(daemon.wait_exit(), 1)
+        assert daemon.wait_exit() == 1
         out = daemon.output()
-        self.assertNotIn("Traceback", out)
-        self.assertEqual(len(out.strip().splitlines()), 1, out)
-        self.assertIn(f"The state directory {self.state} is a symbolic link owned by another "
-                      f"user (uid {NOBODY})", out)
-        self.assertIn("--state-dir", out)
-        self.assertEqual(stat.S_IMODE(target.stat().st_mode), 0o755)
-        self.assertEqual(os.listdir(target), [])
+        assert "Traceback" not in out
+        assert len(out.strip().splitlines()) == 1, out
+        assert (f"The state directory {self.state} is a symbolic link owned by another "
+                f"user (uid {NOBODY})" in out)
+        assert "--state-dir" in out
+        assert stat.S_IMODE(target.stat().st_mode) == 0o755
+        assert os.listdir(target) == []
 
     def test_daemon_replaces_a_directory_at_daemon_json(self) -> None:
         (self.state / "daemon.json").mkdir(parents=True)
         daemon = self.start_daemon("--idle-timeout", "0")
         daemon.wait_ready()
         wait_for(lambda: daemon.record_path.is_file(), QUICK, "daemon.json to be a file")
-        self.assertEqual(daemon.record()["pid"], daemon.pid)
-        self.assertIn("which was not a discovery record (not a regular file)",
-                      daemon_log(self.state))
+        assert daemon.record()["pid"] == daemon.pid
+        assert "which was not a discovery record (not a regular file)" in daemon_log(self.state)
 
 
-class BrokenDiscoveryFileTests(SynchronousTestCase):
+class BrokenDiscoveryFileTests:
     """`daemon status` gets past anything at daemon.json, at once and in one line."""
 
     @pytest.fixture(autouse=True)
-    def _tmp(self, tmp_path):
+    def _tmp(self, tmp_path: Path) -> None:
         from hyperdaemon.discovery import prepare_state_dir
         from support import free_range
 
@@ -722,9 +725,9 @@ class BrokenDiscoveryFileTests(SynchronousTestCase):
 
     def assert_no_daemon_and_file_gone(self) -> None:
         result = self.status_command()
-        self.assertEqual(result.returncode, 1)
-        self.assertEqual(result.stderr.strip(), "No daemon is currently running.")
-        self.assertFalse(os.path.lexists(self.state / "daemon.json"))
+        assert result.returncode == 1
+        assert result.stderr.strip() == "No daemon is currently running."
+        assert not os.path.lexists(self.state / "daemon.json")
 
     def test_a_fifo_is_removed_and_status_answers(self) -> None:
         os.mkfifo(self.state / "daemon.json", 0o600)
@@ -739,27 +742,31 @@ class BrokenDiscoveryFileTests(SynchronousTestCase):
         elsewhere.write_text("{}")
         (self.state / "daemon.json").symlink_to(elsewhere)
         self.assert_no_daemon_and_file_gone()
-        self.assertEqual(elsewhere.read_text(), "{}")
+        assert elsewhere.read_text() == "{}"
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to mount a small file system")
 class ScarceStateDirTests(DaemonTestCase):
     """A state directory that turns read-only or fills up."""
 
-    def mount_tmpfs(self, path: Path, size: str) -> None:
-        import subprocess
-
-        path.mkdir(parents=True, exist_ok=True)
-        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs",
-                        str(path)], check=True)
-        self.addCleanup(subprocess.run, ["umount", "-l", str(path)], check=False)
-
-    def setUp(self) -> None:
+    @pytest.fixture(autouse=True)
+    def _mounts(self, tmp_path: Path) -> Iterator[None]:
         # The state directory on a file system of its own, its logs on
         # another, so that the daemon can still log what went wrong.
-        self.state = self.tmp / "state"
-        self.mount_tmpfs(self.state, "1m")
-        self.mount_tmpfs(self.state / "logs", "64m")
+        import subprocess
+
+        self.state = tmp_path / "state"
+        mounted: list[Path] = []
+        try:
+            for path, size in ((self.state, "1m"), (self.state / "logs", "64m")):
+                path.mkdir(parents=True, exist_ok=True)
+                subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700",
+                                "tmpfs", str(path)], check=True)
+                mounted.append(path)
+            yield
+        finally:
+            for path in reversed(mounted):
+                subprocess.run(["umount", "-l", str(path)], check=False)
 
     def test_shutdown_finishes_when_the_state_dir_turned_read_only(self) -> None:
         import subprocess
@@ -767,25 +774,25 @@ class ScarceStateDirTests(DaemonTestCase):
         daemon = self.start_daemon("--idle-timeout", "0")
         facts = daemon.wait_ready()
         subprocess.run(["mount", "-o", "remount,ro", str(self.state)], check=True)
-        self.assertEqual(ask(daemon.port, "STOP"), ["STOPPING"])
-        self.assertEqual(daemon.wait_exit(), 0)
+        assert ask(daemon.port, "STOP") == ["STOPPING"]
+        assert daemon.wait_exit() == 0
         out = daemon.output()
-        self.assertNotIn("Traceback", out)
-        self.assertIn(f"could not remove {self.state / 'daemon.json'}", out)
-        self.assertIn("[hyperdaemon.daemon#info] stopped\n", out)
-        self.assertTrue(port_is_free(daemon.port))
+        assert "Traceback" not in out
+        assert f"could not remove {self.state / 'daemon.json'}" in out
+        assert "[hyperdaemon.daemon#info] stopped\n" in out
+        assert port_is_free(daemon.port)
         wait_for(lambda: not pid_alive(facts["hyperd_pid"]), QUICK, "hyperd to exit")
 
     def test_a_full_state_dir_withdraws_the_stale_discovery_file(self) -> None:
         daemon = self.start_daemon("--idle-timeout", "0")
         old = daemon.wait_ready()
-        self.assertEqual(daemon.record()["hyperd_endpoint"], old["hyperd_endpoint"])
+        assert daemon.record()["hyperd_endpoint"] == old["hyperd_endpoint"]
         fd = os.open(self.state / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
         try:
             while True:
                 os.write(fd, b"\0" * 65536)
         except OSError as e:
-            self.assertEqual(e.errno, 28)  # ENOSPC
+            assert e.errno == 28  # ENOSPC
         finally:
             os.close(fd)
         os.kill(old["hyperd_pid"], signal.SIGKILL)
@@ -794,10 +801,10 @@ class ScarceStateDirTests(DaemonTestCase):
                      else None)(status(daemon.port)),
             READY_TIMEOUT, "a new hyperd",
         )
-        self.assertNotEqual(new["hyperd_endpoint"], old["hyperd_endpoint"])
+        assert new["hyperd_endpoint"] != old["hyperd_endpoint"]
         wait_for(lambda: not daemon.record_path.exists(), QUICK,
                  "the stale daemon.json to be removed")
-        self.assertIn(f"removed the stale {self.state / 'daemon.json'}", daemon_log(self.state))
+        assert f"removed the stale {self.state / 'daemon.json'}" in daemon_log(self.state)
 
 
 class SharedStateDirTests(DaemonTestCase):
@@ -806,16 +813,16 @@ class SharedStateDirTests(DaemonTestCase):
         first.wait_ready()
         published = first.record()
         second = self.start_daemon("--idle-timeout", "0")  # another pinned port
-        self.assertEqual(second.wait_exit(30), 1)
+        assert second.wait_exit(30) == 1
         out = second.output()
-        self.assertNotIn("Traceback", out)
-        self.assertIn(f"another hyperdb-mcp daemon already uses the state directory "
-                      f"{self.tmp / 'state'}, on port {first.port}", out)
-        self.assertIn(f"hyperdb-mcp daemon stop --port {first.port}", out)
-        self.assertIn("--state-dir", out)
-        self.assertEqual(first.record(), published)
-        self.assertEqual(status(first.port)["pid"], first.pid)
-        self.assertEqual(hyperd_query(first.record()), 2)
+        assert "Traceback" not in out
+        assert (f"another hyperdb-mcp daemon already uses the state directory "
+                f"{self.tmp / 'state'}, on port {first.port}" in out)
+        assert f"hyperdb-mcp daemon stop --port {first.port}" in out
+        assert "--state-dir" in out
+        assert first.record() == published
+        assert status(first.port)["pid"] == first.pid
+        assert hyperd_query(first.record()) == 2
 
     def test_a_stale_discovery_file_of_a_dead_daemon_does_not_stop_a_start(self) -> None:
         state = self.tmp / "state"
@@ -824,7 +831,7 @@ class SharedStateDirTests(DaemonTestCase):
         stale = first.record()
         first.proc.kill()
         first.wait_exit()
-        self.assertEqual(json.loads(first.record_path.read_text()), stale)
+        assert json.loads(first.record_path.read_text()) == stale
         second = self.start_daemon("--idle-timeout", "0")
         second.wait_ready()
         wait_for(lambda: json.loads((state / "daemon.json").read_text())["pid"] == second.pid,
@@ -838,13 +845,13 @@ class CompatWarningTests(DaemonTestCase):
         daemon = self.start_daemon("--idle-timeout", "0", "--compat")
         daemon.wait_ready()
         log = one_line(daemon_log(self.tmp / "state"))
-        self.assertIn(self.WARNING, log)
-        self.assertIn("read and write files as this user through COPY", log)
+        assert self.WARNING in log
+        assert "read and write files as this user through COPY" in log
 
     def test_no_warning_without_compat(self) -> None:
         daemon = self.start_daemon("--idle-timeout", "0")
         daemon.wait_ready()
-        self.assertNotIn(self.WARNING, daemon_log(self.tmp / "state"))
+        assert self.WARNING not in daemon_log(self.tmp / "state")
 
     def test_help_says_compat_is_unsafe(self) -> None:
         import subprocess
@@ -857,61 +864,56 @@ class CompatWarningTests(DaemonTestCase):
         ).stdout
         for text in (str(Options()), cli_help):
             text = one_line(text)
-            self.assertIn("UNSAFE on a machine shared with other users: any local user can "
-                          "then log in to hyperd", text)
-            self.assertIn("read and write files as you (COPY ... TO/FROM)", text)
+            assert ("UNSAFE on a machine shared with other users: any local user can "
+                    "then log in to hyperd" in text)
+            assert "read and write files as you (COPY ... TO/FROM)" in text
 
 
 # -- drops of dead sessions' databases (issue 11, item 7) -----------------------
 
 
-class DropRetryTests(TestCase):
+@attrs.define
+class InProcessDaemon:
     """
-    The daemon in this process, with the real hyperd: a database that a
-    libpq connection still has attached is dropped once it is let go,
-    however long that takes.
+    The daemon's service in this process, with the real hyperd, and libpq
+    connections that hold sessions' databases attached.
     """
 
-    timeout = 180
+    tmp: Path
+    service: Any = None
+    connections: list[Any] = attrs.Factory(list)
 
-    @pytest.fixture(autouse=True)
-    def _tmp(self, tmp_path):
-        self.tmp = tmp_path
+    @property
+    def state(self) -> Path:
+        return self.tmp / "state"
 
-    async def start_service(self, **tunables: float) -> Any:
+    def start(self, **tunables: float) -> Any:
         from twisted.internet import reactor
 
         from hyperdaemon.config import hyperd_executable
         from hyperdaemon.daemon import DaemonService, DaemonSettings
         from hyperdaemon.discovery import prepare_state_dir
 
-        self.state = self.tmp / "state"
         logs = prepare_state_dir(self.state)
         settings = DaemonSettings(port=free_port(), state_dir=self.state, logs_dir=logs,
                                   idle_timeout=0, hyperd=hyperd_executable(os.environ))
-        service = DaemonService(reactor, settings, on_shutdown=lambda: None)
+        self.service = DaemonService(reactor, settings, on_shutdown=lambda: None)
         for name, value in tunables.items():
-            setattr(service, name, value)
-        service.privilegedStartService()
-        service.startService()
+            setattr(self.service, name, value)
+        self.service.privilegedStartService()
+        self.service.startService()
+        return self.service
 
-        def stop() -> Any:
-            service.shutdown("the test is over")
-            return service.stopService()
-
-        self.addCleanup(stop)
-        return service
-
-    async def session_holding_its_database(self, service: Any, name: str) -> tuple[str, Path, Any]:
+    async def session_holding_its_database(self, name: str) -> tuple[str, Path, Any]:
         """A session whose database a libpq connection has attached: id, folder, connection."""
         import psycopg
         from twisted.internet.threads import deferToThread
 
-        folder = service.settings.sessions_dir / f"{os.getpid()}-{name}"
+        folder = self.service.settings.sessions_dir / f"{os.getpid()}-{name}"
         folder.mkdir(mode=0o700)
         database = folder / "scratch.hyper"
-        session_id, ready = service.attach_session({"pid": os.getpid(),
-                                                    "ephemeral_db": str(database)})
+        session_id, ready = self.service.attach_session({"pid": os.getpid(),
+                                                         "ephemeral_db": str(database)})
         facts = await ready
 
         def attach() -> Any:
@@ -924,36 +926,64 @@ class DropRetryTests(TestCase):
             return conn
 
         conn = await deferToThread(attach)
-        self.addCleanup(conn.close)
+        self.connections.append(conn)
         return session_id, folder, conn
 
-    async def test_a_database_in_use_past_the_old_limit_is_dropped_once_let_go(self) -> None:
+    async def end(self) -> None:
+        """Close the connections, then shut the service down and wait until it has stopped."""
+        for conn in reversed(self.connections):
+            conn.close()
+        if self.service is not None:
+            self.service.shutdown("the test is over")
+            await self.service.stopService()
+
+
+@pytest_twisted.async_yield_fixture
+async def in_process(tmp_path: Path) -> AsyncIterator[InProcessDaemon]:
+    daemon = InProcessDaemon(tmp_path)
+    yield daemon
+    await daemon.end()
+
+
+@pytest.mark.deadline(180)
+class DropRetryTests:
+    """
+    The daemon in this process, with the real hyperd: a database that a
+    libpq connection still has attached is dropped once it is let go,
+    however long that takes.
+    """
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_database_in_use_past_the_old_limit_is_dropped_once_let_go(
+            self, in_process: InProcessDaemon) -> None:
         from twisted.internet import reactor
         from twisted.internet.task import deferLater
         from twisted.internet.threads import deferToThread
 
         # The old limit was 10 s; here the daemon's patience is 0.5 s.
-        service = await self.start_service(drop_patience=0.5, drop_retry_max=0.5)
-        session_id, folder, conn = await self.session_holding_its_database(service, "held")
+        service = in_process.start(drop_patience=0.5, drop_retry_max=0.5)
+        session_id, folder, conn = await in_process.session_holding_its_database("held")
         service.end_session(session_id, clean=False)  # its connection dropped
         # The database stays attached four times the daemon's patience.
         await deferLater(reactor, 2.0, lambda: None)
-        self.assertTrue((folder / "scratch.hyper").exists())
+        assert (folder / "scratch.hyper").exists()
         await deferToThread(conn.close)
         await until(lambda: not folder.exists(), QUICK, "the folder to be removed")
-        log = daemon_log(self.state)
-        self.assertIn(f"{folder / 'scratch.hyper'} is still in use after 0.5 s; trying again", log)
-        self.assertIn(f"removed the ephemeral database of session {session_id}", log)
+        log = daemon_log(in_process.state)
+        assert f"{folder / 'scratch.hyper'} is still in use after 0.5 s; trying again" in log
+        assert f"removed the ephemeral database of session {session_id}" in log
 
-    async def test_a_waiting_drop_is_tried_again_when_a_session_ends(self) -> None:
+    @pytest_twisted.ensureDeferred
+    async def test_a_waiting_drop_is_tried_again_when_a_session_ends(
+            self, in_process: InProcessDaemon) -> None:
         from twisted.internet.threads import deferToThread
 
         # Retries a minute apart: only a session ending can make it prompt.
-        service = await self.start_service(drop_patience=0.0, drop_retry_first=60.0,
-                                           drop_retry_max=60.0)
-        session_id, folder, conn = await self.session_holding_its_database(service, "held")
+        service = in_process.start(drop_patience=0.0, drop_retry_first=60.0,
+                                   drop_retry_max=60.0)
+        session_id, folder, conn = await in_process.session_holding_its_database("held")
         service.end_session(session_id, clean=False)
-        await until(lambda: "is still in use" in daemon_log(self.state), QUICK,
+        await until(lambda: "is still in use" in daemon_log(in_process.state), QUICK,
                     "a drop refused while the database is attached")
         # Let go of it for sure (a closing connection may keep it a moment).
         await deferToThread(conn.execute, "DETACH DATABASE scratch")
@@ -962,11 +992,13 @@ class DropRetryTests(TestCase):
         service.end_session(other, clean=True)
         await until(lambda: not folder.exists(), QUICK, "the folder to be removed")
 
-    async def test_a_client_that_comes_back_keeps_its_database(self) -> None:
+    @pytest_twisted.ensureDeferred
+    async def test_a_client_that_comes_back_keeps_its_database(
+            self, in_process: InProcessDaemon) -> None:
         from twisted.internet.threads import deferToThread
 
-        service = await self.start_service()
-        session_id, folder, conn = await self.session_holding_its_database(service, "back")
+        service = in_process.start()
+        session_id, folder, conn = await in_process.session_holding_its_database("back")
         service.end_session(session_id, clean=False)
         # The client reconnects and registers the same database again.
         again, ready = service.attach_session({"pid": os.getpid(),
@@ -974,5 +1006,5 @@ class DropRetryTests(TestCase):
         await ready
         await deferToThread(conn.close)
         await until(lambda: not service._cleanups, QUICK, "the daemon's drops to settle")
-        self.assertTrue((folder / "scratch.hyper").exists())
-        self.assertEqual([s["id"] for s in service.status()["sessions"]], [again])
+        assert (folder / "scratch.hyper").exists()
+        assert [s["id"] for s in service.status()["sessions"]] == [again]
