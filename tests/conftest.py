@@ -25,9 +25,10 @@ import functools
 import inspect
 import os
 import signal
+import subprocess
 import uuid
 from pathlib import Path
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import pytest
 import pytest_twisted
@@ -156,6 +157,24 @@ def daemons() -> Iterator[list[DaemonProcess]]:
     yield added
     for daemon in reversed(added):
         daemon.kill()
+
+
+@pytest.fixture
+def tmpfs() -> Iterator[Callable[[Path, str], None]]:
+    """
+    Mounts a tmpfs, with the given mount options, on a folder (made if need
+    be); each is unmounted at the end, lazily (whatever still uses it).
+    """
+    mounted: list[Path] = []
+
+    def mount(path: Path, options: str) -> None:
+        path.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], check=True)
+        mounted.append(path)
+
+    yield mount
+    for path in reversed(mounted):
+        subprocess.run(["umount", "-l", str(path)], check=False)
 
 
 def _run_trial_cases_on_the_session_reactor() -> None:

@@ -750,23 +750,12 @@ class ScarceStateDirTests(DaemonTestCase):
     """A state directory that turns read-only or fills up."""
 
     @pytest.fixture(autouse=True)
-    def _mounts(self, tmp_path: Path) -> Iterator[None]:
+    def _mounts(self, tmpfs: Callable[[Path, str], None], _world: None) -> None:
         # The state directory on a file system of its own, its logs on
         # another, so that the daemon can still log what went wrong.
-        import subprocess
-
-        self.state = tmp_path / "state"
-        mounted: list[Path] = []
-        try:
-            for path, size in ((self.state, "1m"), (self.state / "logs", "64m")):
-                path.mkdir(parents=True, exist_ok=True)
-                subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700",
-                                "tmpfs", str(path)], check=True)
-                mounted.append(path)
-            yield
-        finally:
-            for path in reversed(mounted):
-                subprocess.run(["umount", "-l", str(path)], check=False)
+        self.state = self.tmp / "state"
+        tmpfs(self.state, "size=1m,mode=0700")
+        tmpfs(self.state / "logs", "size=64m,mode=0700")
 
     def test_shutdown_finishes_when_the_state_dir_turned_read_only(self) -> None:
         import subprocess
