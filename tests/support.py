@@ -7,6 +7,7 @@ sleeps and hopes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,7 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import attrs
 
@@ -77,6 +78,16 @@ def within(running: Any, seconds: float, message: str) -> Any:
 
     running.addBoth(finished)
     return outcome
+
+
+@contextlib.contextmanager
+def noted(note: str) -> Iterator[None]:
+    """Add C{note} to a failure inside: which case of a loop it was."""
+    try:
+        yield
+    except BaseException as e:
+        e.add_note(note)
+        raise
 
 
 def success_result_of(d: Any) -> Any:

@@ -12,9 +12,9 @@ import shutil
 import stat
 import tempfile
 from pathlib import Path
+from typing import Iterator
 
 import pytest
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from hyperdaemon.discovery import (
     DISCOVERY_NAME,
@@ -27,6 +27,7 @@ from hyperdaemon.discovery import (
     remove_record_if_owned,
     write_record,
 )
+from support import noted
 
 RECORD = DaemonRecord(
     pid=4242,
@@ -54,33 +55,43 @@ def mode_of(path: Path) -> int:
 
 
 class TempDirMixin:
-    def make_temp_dir(self) -> Path:
-        """A fresh directory, removed (whatever its modes) after the test."""
-        path = Path(tempfile.mkdtemp(prefix="hyperdaemon-test-"))
-
-        def remove() -> None:
+    @pytest.fixture(autouse=True)
+    def _temp_dirs(self) -> Iterator[None]:
+        """Removes the test's directories (whatever their modes) and restores the umask."""
+        self._made: list[Path] = []
+        self._umask: int | None = None
+        yield
+        if self._umask is not None:
+            os.umask(self._umask)
+        for path in reversed(self._made):
             for root, dirs, _ in os.walk(path):
                 for name in dirs:
                     os.chmod(os.path.join(root, name), 0o700)
             os.chmod(path, 0o700)
             shutil.rmtree(path)
 
-        self.addCleanup(remove)
+    def make_temp_dir(self) -> Path:
+        """A fresh directory, removed (whatever its modes) after the test."""
+        path = Path(tempfile.mkdtemp(prefix="hyperdaemon-test-"))
+        self._made.append(path)
         return path
 
     def with_umask(self, mask: int) -> None:
-        self.addCleanup(os.umask, os.umask(mask))
+        """C{mask} as the umask until the end of the test."""
+        previous = os.umask(mask)
+        if self._umask is None:
+            self._umask = previous
 
 
-class PrepareStateDirTests(TempDirMixin, SynchronousTestCase):
+class PrepareStateDirTests(TempDirMixin):
     def test_creates_missing_dir_and_logs_dir_with_mode_0700(self) -> None:
         state = self.make_temp_dir() / "nested" / "state"
         logs = prepare_state_dir(state)
-        self.assertEqual(logs, state / "logs")
-        self.assertTrue(state.is_dir())
-        self.assertTrue(logs.is_dir())
-        self.assertEqual(mode_of(state), 0o700)
-        self.assertEqual(mode_of(logs), 0o700)
+        assert logs == state / "logs"
+        assert state.is_dir()
+        assert logs.is_dir()
+        assert mode_of(state) == 0o700
+        assert mode_of(logs) == 0o700
 
     def test_dirs_are_0700_whatever_the_umask(self) -> None:
         base = self.make_temp_dir()
@@ -88,7 +99,7 @@ class PrepareStateDirTests(TempDirMixin, SynchronousTestCase):
             self.with_umask(mask)
             state = base / f"state-{mask:o}"
             logs = prepare_state_dir(state)
-            self.assertEqual((mode_of(state), mode_of(logs)), (0o700, 0o700), oct(mask))
+            assert (mode_of(state), mode_of(logs)) == (0o700, 0o700), oct(mask)
 
     def test_tightens_an_existing_0755_dir_and_logs_to_0700(self) -> None:
         state = self.make_temp_dir() / "state"
@@ -96,102 +107,104 @@ class PrepareStateDirTests(TempDirMixin, SynchronousTestCase):
         os.chmod(state, 0o755)
         os.chmod(state / "logs", 0o755)
         prepare_state_dir(state)
-        self.assertEqual(mode_of(state), 0o700)
-        self.assertEqual(mode_of(state / "logs"), 0o700)
+        assert mode_of(state) == 0o700
+        assert mode_of(state / "logs") == 0o700
 
     def test_keeps_existing_files(self) -> None:
         state = self.make_temp_dir() / "state"
         prepare_state_dir(state)
         write_record(state, RECORD)
         prepare_state_dir(state)
-        self.assertEqual(read_record(state), RECORD)
+        assert read_record(state) == RECORD
 
     def test_leaves_no_probe_file_behind(self) -> None:
         state = self.make_temp_dir() / "state"
         prepare_state_dir(state)
-        self.assertEqual(sorted(os.listdir(state)), ["logs", "sessions"])
+        assert sorted(os.listdir(state)) == ["logs", "sessions"]
 
     def test_regular_file_raises_state_dir_error(self) -> None:
         state = self.make_temp_dir() / "state"
         state.write_bytes(b"not a directory")
-        with self.assertRaises(StateDirError) as caught:
+        with pytest.raises(StateDirError) as caught:
             prepare_state_dir(state)
-        message = str(caught.exception)
-        self.assertIn(str(state), message)
-        self.assertIn("--state-dir", message)
-        self.assertEqual(state.read_bytes(), b"not a directory")
+        message = str(caught.value)
+        assert str(state) in message
+        assert "--state-dir" in message
+        assert state.read_bytes() == b"not a directory"
 
     def test_logs_path_that_is_a_regular_file_raises_state_dir_error(self) -> None:
         state = self.make_temp_dir() / "state"
         state.mkdir(mode=0o700)
         (state / "logs").write_bytes(b"")
-        with self.assertRaises(StateDirError):
+        with pytest.raises(StateDirError):
             prepare_state_dir(state)
 
     def test_dir_under_an_unwritable_parent_raises_state_dir_error(self) -> None:
         if os.geteuid() == 0:
-            raise SkipTest("root may write anywhere")
+            pytest.skip("root may write anywhere")
         parent = self.make_temp_dir() / "readonly"
         parent.mkdir(mode=0o500)
         state = parent / "state"
-        with self.assertRaises(StateDirError) as caught:
+        with pytest.raises(StateDirError) as caught:
             prepare_state_dir(state)
-        self.assertIn(str(state), str(caught.exception))
-        self.assertFalse(state.exists())
+        assert str(state) in str(caught.value)
+        assert not state.exists()
 
 
-class WriteRecordTests(TempDirMixin, SynchronousTestCase):
-    def setUp(self) -> None:
+class WriteRecordTests(TempDirMixin):
+    @pytest.fixture(autouse=True)
+    def _state(self, _temp_dirs: None) -> None:
         self.state = self.make_temp_dir() / "state"
         prepare_state_dir(self.state)
 
     def test_file_is_mode_0600(self) -> None:
         self.with_umask(0o000)
         write_record(self.state, RECORD)
-        self.assertEqual(mode_of(self.state / DISCOVERY_NAME), 0o600)
+        assert mode_of(self.state / DISCOVERY_NAME) == 0o600
 
     def test_file_holds_exactly_the_record_fields(self) -> None:
         write_record(self.state, RECORD)
         data = json.loads((self.state / DISCOVERY_NAME).read_text("utf-8"))
-        self.assertEqual(data, VALID_JSON)
+        assert data == VALID_JSON
 
     def test_password_none_is_written_as_null(self) -> None:
         record = DaemonRecord(4242, "127.0.0.1:1", 2, "2024-01-02T03:04:05Z", "1.0.0")
         write_record(self.state, record)
         data = json.loads((self.state / DISCOVERY_NAME).read_text("utf-8"))
-        self.assertIn("hyperd_password", data)
-        self.assertIsNone(data["hyperd_password"])
+        assert "hyperd_password" in data
+        assert data["hyperd_password"] is None
 
     def test_read_record_round_trips(self) -> None:
         write_record(self.state, RECORD)
-        self.assertEqual(read_record(self.state), RECORD)
+        assert read_record(self.state) == RECORD
 
     def test_read_record_round_trips_without_credentials(self) -> None:
         record = DaemonRecord(1, "127.0.0.1:1", 65535, "2024-01-02T03:04:05Z", "0.1")
         write_record(self.state, record)
-        self.assertEqual(read_record(self.state), record)
+        assert read_record(self.state) == record
 
     def test_write_replaces_an_existing_record(self) -> None:
         write_record(self.state, RECORD)
         newer = DaemonRecord(999, "127.0.0.1:2", 40002, "2025-01-01T00:00:00Z", "1.0.1")
         write_record(self.state, newer)
-        self.assertEqual(read_record(self.state), newer)
+        assert read_record(self.state) == newer
 
     def test_write_leaves_no_temporary_files(self) -> None:
         write_record(self.state, RECORD)
         write_record(self.state, RECORD)
-        self.assertEqual(sorted(os.listdir(self.state)), [DISCOVERY_NAME, "logs", "sessions"])
+        assert sorted(os.listdir(self.state)) == [DISCOVERY_NAME, "logs", "sessions"]
 
     def test_failed_write_raises_and_leaves_no_temporary_file(self) -> None:
         # The final rename cannot replace a directory.
         (self.state / DISCOVERY_NAME).mkdir()
-        with self.assertRaises(OSError):
+        with pytest.raises(OSError):
             write_record(self.state, RECORD)
-        self.assertEqual(sorted(os.listdir(self.state)), [DISCOVERY_NAME, "logs", "sessions"])
+        assert sorted(os.listdir(self.state)) == [DISCOVERY_NAME, "logs", "sessions"]
 
 
-class ReadRecordTests(TempDirMixin, SynchronousTestCase):
-    def setUp(self) -> None:
+class ReadRecordTests(TempDirMixin):
+    @pytest.fixture(autouse=True)
+    def _state(self, _temp_dirs: None) -> None:
         self.state = self.make_temp_dir() / "state"
         prepare_state_dir(self.state)
 
@@ -201,56 +214,62 @@ class ReadRecordTests(TempDirMixin, SynchronousTestCase):
         (self.state / DISCOVERY_NAME).write_bytes(content)
 
     def test_missing_file_gives_none(self) -> None:
-        self.assertIsNone(read_record(self.state))
+        assert read_record(self.state) is None
 
     def test_missing_state_dir_gives_none(self) -> None:
-        self.assertIsNone(read_record(self.state / "absent"))
+        assert read_record(self.state / "absent") is None
 
     def test_garbage_bytes_raise_corrupt_discovery(self) -> None:
         self.put(b"\x00\x01garbage{{{")
-        self.assertRaises(CorruptDiscovery, read_record, self.state)
+        with pytest.raises(CorruptDiscovery):
+            read_record(self.state)
 
     def test_invalid_utf8_raises_corrupt_discovery(self) -> None:
         self.put(b'{"pid": "\xff"}')
-        self.assertRaises(CorruptDiscovery, read_record, self.state)
+        with pytest.raises(CorruptDiscovery):
+            read_record(self.state)
 
     def test_empty_file_raises_corrupt_discovery(self) -> None:
         self.put(b"")
-        self.assertRaises(CorruptDiscovery, read_record, self.state)
+        with pytest.raises(CorruptDiscovery):
+            read_record(self.state)
 
     def test_truncated_json_raises_corrupt_discovery(self) -> None:
         self.put(json.dumps(VALID_JSON).encode("utf-8")[:-10])
-        self.assertRaises(CorruptDiscovery, read_record, self.state)
+        with pytest.raises(CorruptDiscovery):
+            read_record(self.state)
 
     def test_json_list_raises_corrupt_discovery(self) -> None:
         self.put([VALID_JSON])
-        self.assertRaises(CorruptDiscovery, read_record, self.state)
+        with pytest.raises(CorruptDiscovery):
+            read_record(self.state)
 
     def test_json_scalar_raises_corrupt_discovery(self) -> None:
         self.put(42)
-        self.assertRaises(CorruptDiscovery, read_record, self.state)
+        with pytest.raises(CorruptDiscovery):
+            read_record(self.state)
 
     def test_each_missing_required_field_raises_corrupt_discovery(self) -> None:
         for field in ("pid", "hyperd_endpoint", "health_port", "started_at", "version"):
             data = dict(VALID_JSON)
             del data[field]
             self.put(data)
-            with self.assertRaises(CorruptDiscovery, msg=field) as caught:
+            with noted(field), pytest.raises(CorruptDiscovery) as caught:
                 read_record(self.state)
-            self.assertIn(field, str(caught.exception))
+            assert field in str(caught.value)
 
     def test_optional_credentials_may_be_absent(self) -> None:
         data = dict(VALID_JSON)
         del data["hyperd_user"], data["hyperd_password"]
         self.put(data)
         record = read_record(self.state)
-        self.assertIsNotNone(record)
-        self.assertIsNone(record.hyperd_user)
-        self.assertIsNone(record.hyperd_password)
+        assert record is not None
+        assert record.hyperd_user is None
+        assert record.hyperd_password is None
 
     def test_extra_fields_are_tolerated(self) -> None:
         self.put({**VALID_JSON, "future_field": [1, 2]})
-        self.assertEqual(read_record(self.state), RECORD)
+        assert read_record(self.state) == RECORD
 
     def test_wrong_types_raise_corrupt_discovery(self) -> None:
         cases = [
@@ -271,58 +290,59 @@ class ReadRecordTests(TempDirMixin, SynchronousTestCase):
         ]
         for field, value in cases:
             self.put({**VALID_JSON, field: value})
-            with self.assertRaises(CorruptDiscovery, msg=f"{field}={value!r}"):
+            with noted(f"{field}={value!r}"), pytest.raises(CorruptDiscovery):
                 read_record(self.state)
 
     def test_boolean_pid_or_port_raises_corrupt_discovery(self) -> None:
         for field in ("pid", "health_port"):
             self.put({**VALID_JSON, field: True})
-            with self.assertRaises(CorruptDiscovery, msg=field):
+            with noted(field), pytest.raises(CorruptDiscovery):
                 read_record(self.state)
 
 
-class RemoveRecordTests(TempDirMixin, SynchronousTestCase):
-    def setUp(self) -> None:
+class RemoveRecordTests(TempDirMixin):
+    @pytest.fixture(autouse=True)
+    def _state(self, _temp_dirs: None) -> None:
         self.state = self.make_temp_dir() / "state"
         prepare_state_dir(self.state)
         self.path = self.state / DISCOVERY_NAME
 
     def test_removes_own_record(self) -> None:
         write_record(self.state, RECORD)
-        self.assertTrue(remove_record_if_owned(self.state, RECORD.pid, RECORD.health_port))
-        self.assertFalse(self.path.exists())
+        assert remove_record_if_owned(self.state, RECORD.pid, RECORD.health_port)
+        assert not self.path.exists()
 
     def test_leaves_record_of_another_pid(self) -> None:
         write_record(self.state, RECORD)
-        self.assertFalse(remove_record_if_owned(self.state, RECORD.pid + 1, RECORD.health_port))
-        self.assertEqual(read_record(self.state), RECORD)
+        assert not remove_record_if_owned(self.state, RECORD.pid + 1, RECORD.health_port)
+        assert read_record(self.state) == RECORD
 
     def test_leaves_record_of_another_port(self) -> None:
         write_record(self.state, RECORD)
-        self.assertFalse(remove_record_if_owned(self.state, RECORD.pid, RECORD.health_port + 1))
-        self.assertEqual(read_record(self.state), RECORD)
+        assert not remove_record_if_owned(self.state, RECORD.pid, RECORD.health_port + 1)
+        assert read_record(self.state) == RECORD
 
     def test_missing_record_is_not_an_error(self) -> None:
-        self.assertFalse(remove_record_if_owned(self.state, RECORD.pid, RECORD.health_port))
+        assert not remove_record_if_owned(self.state, RECORD.pid, RECORD.health_port)
 
     def test_leaves_a_corrupt_file_alone(self) -> None:
         self.path.write_bytes(b"garbage")
-        self.assertFalse(remove_record_if_owned(self.state, RECORD.pid, RECORD.health_port))
-        self.assertEqual(self.path.read_bytes(), b"garbage")
+        assert not remove_record_if_owned(self.state, RECORD.pid, RECORD.health_port)
+        assert self.path.read_bytes() == b"garbage"
 
     def test_remove_record_removes_any_file_and_tolerates_none(self) -> None:
         self.path.write_bytes(b"garbage")
         remove_record(self.state)
-        self.assertFalse(self.path.exists())
+        assert not self.path.exists()
         remove_record(self.state)
 
 
-class StateDirLinkTests(TempDirMixin, SynchronousTestCase):
+class StateDirLinkTests(TempDirMixin):
     """The state directory is checked as the link it may be, not only its target."""
 
     def test_another_users_symlink_is_refused_and_its_target_left_alone(self) -> None:
         if os.geteuid() != 0:
-            raise SkipTest("needs root to make a link of another user")
+            pytest.skip("needs root to make a link of another user")
         base = self.make_temp_dir()
         target = base / "victim"
         target.mkdir(mode=0o755)
@@ -330,14 +350,14 @@ class StateDirLinkTests(TempDirMixin, SynchronousTestCase):
         state = base / "state"
         state.symlink_to(target)
         os.lchown(state, 65534, 65534)
-        with self.assertRaises(StateDirError) as caught:
+        with pytest.raises(StateDirError) as caught:
             prepare_state_dir(state)
-        message = str(caught.exception)
-        self.assertIn(str(state), message)
-        self.assertIn("symbolic link owned by another user (uid 65534)", message)
-        self.assertIn("--state-dir", message)
-        self.assertEqual(mode_of(target), 0o755)
-        self.assertEqual(os.listdir(target), [])
+        message = str(caught.value)
+        assert str(state) in message
+        assert "symbolic link owned by another user (uid 65534)" in message
+        assert "--state-dir" in message
+        assert mode_of(target) == 0o755
+        assert os.listdir(target) == []
 
     def test_own_symlink_to_own_directory_is_accepted(self) -> None:
         base = self.make_temp_dir()
@@ -347,8 +367,8 @@ class StateDirLinkTests(TempDirMixin, SynchronousTestCase):
         state = base / "state"
         state.symlink_to(target)
         prepare_state_dir(state)
-        self.assertEqual(mode_of(target), 0o700)
-        self.assertEqual(sorted(os.listdir(target)), ["logs", "sessions"])
+        assert mode_of(target) == 0o700
+        assert sorted(os.listdir(target)) == ["logs", "sessions"]
 
     def test_a_symlinked_sessions_folder_is_refused(self) -> None:
         base = self.make_temp_dir()
@@ -357,16 +377,17 @@ class StateDirLinkTests(TempDirMixin, SynchronousTestCase):
         state = base / "state"
         state.mkdir(mode=0o700)
         (state / "sessions").symlink_to(elsewhere)
-        with self.assertRaises(StateDirError) as caught:
+        with pytest.raises(StateDirError) as caught:
             prepare_state_dir(state)
-        self.assertIn(f"{state / 'sessions'} in the state directory is a symbolic link",
-                      str(caught.exception))
+        assert (f"{state / 'sessions'} in the state directory is a symbolic link"
+                in str(caught.value))
 
 
-class OddDiscoveryFileTests(TempDirMixin, SynchronousTestCase):
+class OddDiscoveryFileTests(TempDirMixin):
     """Whatever sits at daemon.json, reading it neither blocks nor trusts it."""
 
-    def setUp(self) -> None:
+    @pytest.fixture(autouse=True)
+    def _state(self, _temp_dirs: None) -> None:
         self.state = self.make_temp_dir() / "state"
         prepare_state_dir(self.state)
         self.path = self.state / DISCOVERY_NAME
@@ -390,53 +411,56 @@ class OddDiscoveryFileTests(TempDirMixin, SynchronousTestCase):
             # Release the blocked reader before failing.
             os.close(os.open(self.path, os.O_WRONLY | os.O_NONBLOCK))
             reader.join(10)
-            self.fail("reading a FIFO at daemon.json blocked")
-        self.assertIsInstance(outcome[0], CorruptDiscovery)
-        self.assertTrue(remove_record(self.state))
-        self.assertFalse(os.path.lexists(self.path))
+            pytest.fail("reading a FIFO at daemon.json blocked")
+        assert isinstance(outcome[0], CorruptDiscovery)
+        assert remove_record(self.state)
+        assert not os.path.lexists(self.path)
 
     def test_a_directory_is_corrupt_and_an_empty_one_is_removed(self) -> None:
         self.path.mkdir()
-        self.assertRaises(CorruptDiscovery, read_record, self.state)
-        self.assertTrue(remove_record(self.state))
-        self.assertFalse(os.path.lexists(self.path))
+        with pytest.raises(CorruptDiscovery):
+            read_record(self.state)
+        assert remove_record(self.state)
+        assert not os.path.lexists(self.path)
 
     def test_a_full_directory_is_left_without_an_error(self) -> None:
         self.path.mkdir()
         (self.path / "inside").write_bytes(b"")
-        self.assertFalse(remove_record(self.state))
-        self.assertTrue((self.path / "inside").exists())
-        self.assertFalse(remove_record_if_owned(self.state, RECORD.pid, RECORD.health_port))
+        assert not remove_record(self.state)
+        assert (self.path / "inside").exists()
+        assert not remove_record_if_owned(self.state, RECORD.pid, RECORD.health_port)
 
     def test_a_symlink_to_a_valid_record_is_not_followed(self) -> None:
         elsewhere = self.state.parent / "elsewhere"
         elsewhere.mkdir()
         write_record(elsewhere, RECORD)
         self.path.symlink_to(elsewhere / DISCOVERY_NAME)
-        self.assertRaises(CorruptDiscovery, read_record, self.state)
-        self.assertTrue(remove_record(self.state))
-        self.assertFalse(os.path.lexists(self.path))
-        self.assertEqual(read_record(elsewhere), RECORD)
+        with pytest.raises(CorruptDiscovery):
+            read_record(self.state)
+        assert remove_record(self.state)
+        assert not os.path.lexists(self.path)
+        assert read_record(elsewhere) == RECORD
 
     def test_a_record_others_may_write_is_not_trusted(self) -> None:
         write_record(self.state, RECORD)
         os.chmod(self.path, 0o666)
-        with self.assertRaises(CorruptDiscovery) as caught:
+        with pytest.raises(CorruptDiscovery) as caught:
             read_record(self.state)
-        self.assertIn("writable by other users", str(caught.exception))
+        assert "writable by other users" in str(caught.value)
 
     def test_another_users_record_is_not_trusted_nor_removed(self) -> None:
         if os.geteuid() != 0:
-            raise SkipTest("needs root to give a file away")
+            pytest.skip("needs root to give a file away")
         write_record(self.state, RECORD)
         os.chown(self.path, 65534, 65534)
-        with self.assertRaises(CorruptDiscovery) as caught:
+        with pytest.raises(CorruptDiscovery) as caught:
             read_record(self.state)
-        self.assertIn("another user", str(caught.exception))
-        self.assertFalse(remove_record(self.state))
-        self.assertTrue(self.path.exists())
+        assert "another user" in str(caught.value)
+        assert not remove_record(self.state)
+        assert self.path.exists()
 
     def test_an_over_long_file_is_corrupt(self) -> None:
         self.path.write_bytes(b" " * (1024 * 1024))
         os.chmod(self.path, 0o600)
-        self.assertRaises(CorruptDiscovery, read_record, self.state)
+        with pytest.raises(CorruptDiscovery):
+            read_record(self.state)
