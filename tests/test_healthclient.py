@@ -11,10 +11,9 @@ import socket
 import threading
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
-from twisted.trial.unittest import SkipTest, SynchronousTestCase
 
 from hyperdaemon import healthclient, peeruid
 from hyperdaemon.healthclient import PortState, parse_pong, probe_port
@@ -24,14 +23,14 @@ from support import free_port
 NOBODY = 65534
 
 
-class ParsePongTests(SynchronousTestCase):
+class ParsePongTests:
     def test_identified_pong(self) -> None:
-        self.assertEqual(parse_pong("PONG hyperdb-mcp 0.7.3"), "0.7.3")
+        assert parse_pong("PONG hyperdb-mcp 0.7.3") == "0.7.3"
 
     def test_anything_else_is_not_a_daemon(self) -> None:
         for line in ("PONG", "PONG hyperdb-mcp", "PONG other 1.0", "pong hyperdb-mcp 1",
                      "PONG hyperdb-mcp 1 extra", "PONG  hyperdb-mcp 1", "+PONG", ""):
-            self.assertIsNone(parse_pong(line), line)
+            assert parse_pong(line) is None, line
 
 
 class FakePeer:
@@ -88,19 +87,26 @@ class FakePeer:
         self.sock.close()
 
 
-class ProbePortTests(SynchronousTestCase):
+class ProbePortTests:
+    @pytest.fixture(autouse=True)
+    def _peers(self) -> Iterator[None]:
+        self.peers: list[FakePeer] = []
+        yield
+        for peer in reversed(self.peers):
+            peer.close()
+
     def peer(self, reply: Callable[[bytes], bytes | None], owner: int | None = None) -> FakePeer:
-        peer = FakePeer(reply, owner)
-        self.addCleanup(peer.close)
-        return peer
+        """A fake peer, closed after the test."""
+        self.peers.append(FakePeer(reply, owner))
+        return self.peers[-1]
 
     def test_nothing_listening_is_free(self) -> None:
-        self.assertEqual(probe_port(free_port()).state, PortState.FREE)
+        assert probe_port(free_port()).state == PortState.FREE
 
     def test_a_daemon_of_ours(self) -> None:
         peer = self.peer(lambda line: b"PONG hyperdb-mcp 2.0\n" if line == b"PING" else b"{}\n")
         found = probe_port(peer.port)
-        self.assertEqual((found.state, found.version), (PortState.DAEMON, "2.0"))
+        assert (found.state, found.version) == (PortState.DAEMON, "2.0")
 
     def test_a_daemon_that_refuses_status_is_still_ours_if_we_own_it(self) -> None:
         # Who owns the socket decides, not what the port answers.
@@ -108,32 +114,33 @@ class ProbePortTests(SynchronousTestCase):
             lambda line: b"PONG hyperdb-mcp 2.0\n" if line == b"PING" else b"ERR forbidden\n"
         )
         found = probe_port(peer.port)
-        self.assertEqual((found.state, found.owner), (PortState.DAEMON, os.geteuid()))
+        assert (found.state, found.owner) == (PortState.DAEMON, os.geteuid())
 
     def test_another_users_port_is_not_even_connected_to(self) -> None:
         require_root()
         peer = self.peer(lambda line: b"PONG hyperdb-mcp 2.0\n", owner=NOBODY)
         found = probe_port(peer.port)
-        self.assertEqual((found.state, found.owner), (PortState.OTHER_USER, NOBODY))
-        self.assertEqual(peer.connections, 0)
-        self.assertIn("nobody (uid 65534)", found.held_by())
+        assert (found.state, found.owner) == (PortState.OTHER_USER, NOBODY)
+        assert peer.connections == 0
+        assert "nobody (uid 65534)" in found.held_by()
 
-    def test_a_daemon_shaped_answer_whose_owner_is_unknown_is_foreign(self) -> None:
+    def test_a_daemon_shaped_answer_whose_owner_is_unknown_is_foreign(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
         peer = self.peer(lambda line: b"PONG hyperdb-mcp 2.0\n")
 
         def unknown(sock: socket.socket) -> int:
             raise peeruid.UnknownPeer("closed")
 
-        self.patch(peeruid, "server_uid", unknown)
-        self.assertEqual(probe_port(peer.port).state, PortState.FOREIGN)
+        monkeypatch.setattr(peeruid, "server_uid", unknown)
+        assert probe_port(peer.port).state == PortState.FOREIGN
 
     def test_a_program_that_answers_something_else(self) -> None:
         peer = self.peer(lambda line: b"+OK redis\n")
-        self.assertEqual(probe_port(peer.port).state, PortState.FOREIGN)
+        assert probe_port(peer.port).state == PortState.FOREIGN
 
     def test_a_program_that_closes_at_once(self) -> None:
         peer = self.peer(lambda line: None)
-        self.assertEqual(probe_port(peer.port).state, PortState.FOREIGN)
+        assert probe_port(peer.port).state == PortState.FOREIGN
 
     def test_a_program_that_never_answers_is_foreign_within_the_timeout(self) -> None:
         with socket.socket() as silent:
@@ -141,43 +148,47 @@ class ProbePortTests(SynchronousTestCase):
             silent.listen()
             started = time.monotonic()
             found = probe_port(silent.getsockname()[1], timeout=0.3)
-            self.assertEqual(found.state, PortState.FOREIGN)
-            self.assertLess(time.monotonic() - started, 5)
+            assert found.state == PortState.FOREIGN
+            assert time.monotonic() - started < 5
 
 
 def require_root() -> None:
     if os.geteuid() != 0 or not peeruid.SUPPORTED:
-        raise SkipTest("only root on Linux can make a socket owned by another uid")
+        pytest.skip("only root on Linux can make a socket owned by another uid")
 
 
-class LocateTests(SynchronousTestCase):
+class LocateTests:
     @pytest.fixture(autouse=True)
-    def _tmp(self, tmp_path: Path) -> None:
+    def _tmp(self, tmp_path: Path) -> Iterator[None]:
         self.state = tmp_path / "state"
+        self.peers: list[FakePeer] = []
+        yield
+        for peer in reversed(self.peers):
+            peer.close()
 
     def another_users_daemon(self) -> FakePeer:
+        """A fake daemon of another user, closed after the test."""
         require_root()
-        peer = FakePeer(lambda line: b"PONG hyperdb-mcp 2.0\n", owner=NOBODY)
-        self.addCleanup(peer.close)
-        return peer
+        self.peers.append(FakePeer(lambda line: b"PONG hyperdb-mcp 2.0\n", owner=NOBODY))
+        return self.peers[-1]
 
     def test_a_pinned_port_may_be_another_users(self) -> None:
         from hyperdaemon.config import PortChoice
 
         peer = self.another_users_daemon()
         found = healthclient.locate(self.state, PortChoice(peer.port, 1, 1))
-        self.assertEqual((found.state, found.owner), (PortState.OTHER_USER, NOBODY))
+        assert (found.state, found.owner) == (PortState.OTHER_USER, NOBODY)
 
     def test_a_scan_skips_another_users_port_and_reports_it(self) -> None:
         from hyperdaemon.config import PortChoice
 
         peer = self.another_users_daemon()
         skipped: list[healthclient.PortProbe] = []
-        self.assertIsNone(healthclient.locate(
+        assert healthclient.locate(
             self.state, PortChoice(None, peer.port, peer.port), on_skip=skipped.append,
-        ))
-        self.assertEqual([(p.port, p.owner) for p in skipped], [(peer.port, NOBODY)])
-        self.assertEqual(peer.connections, 0)
+        ) is None
+        assert [(p.port, p.owner) for p in skipped] == [(peer.port, NOBODY)]
+        assert peer.connections == 0
 
     def test_a_skipped_port_is_logged_by_default(self) -> None:
         from hyperdaemon.config import PortChoice
@@ -186,29 +197,31 @@ class LocateTests(SynchronousTestCase):
         peer = self.another_users_daemon()
         events: list[dict] = []
         globalLogPublisher.addObserver(events.append)
-        self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        healthclient.locate(self.state, PortChoice(None, peer.port, peer.port))
-        self.assertIn(f"port {peer.port} is held by another user, nobody (uid {NOBODY}): skipped",
-                      [formatEvent(e) for e in events])
+        try:
+            healthclient.locate(self.state, PortChoice(None, peer.port, peer.port))
+        finally:
+            globalLogPublisher.removeObserver(events.append)
+        assert (f"port {peer.port} is held by another user, nobody (uid {NOBODY}): skipped"
+                in [formatEvent(e) for e in events])
 
 
-class WaitTests(SynchronousTestCase):
+class WaitTests:
     def test_wait_pid_gone_for_an_exited_process(self) -> None:
         import subprocess
         import sys
 
         proc = subprocess.Popen([sys.executable, "-c", "pass"])
         proc.wait()
-        self.assertTrue(healthclient.wait_pid_gone(proc.pid, 5))
+        assert healthclient.wait_pid_gone(proc.pid, 5)
 
     def test_wait_pid_gone_times_out_for_a_live_process(self) -> None:
         import os
 
-        self.assertFalse(healthclient.wait_pid_gone(os.getpid(), 0.05))
+        assert not healthclient.wait_pid_gone(os.getpid(), 0.05)
 
     def test_wait_port_free(self) -> None:
-        self.assertTrue(healthclient.wait_port_free(free_port(), 1))
+        assert healthclient.wait_port_free(free_port(), 1)
         with socket.socket() as busy:
             busy.bind(("127.0.0.1", 0))
             busy.listen()
-            self.assertFalse(healthclient.wait_port_free(busy.getsockname()[1], 0.1))
+            assert not healthclient.wait_port_free(busy.getsockname()[1], 0.1)
