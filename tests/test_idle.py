@@ -5,9 +5,10 @@ L{IdleTimer} service driven by a L{Clock}.
 
 from __future__ import annotations
 
+from typing import Iterator
+
 import pytest
 from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
 
 from hyperdaemon.idle import IdleTimer, idle_deadline
 
@@ -34,7 +35,14 @@ def test_idle_deadline_is_last_activity_plus_timeout_without_sessions(
     assert idle_deadline(last, sessions=0, timeout=timeout) == expected
 
 
-class IdleTimerTests(SynchronousTestCase):
+class IdleTimerTests:
+    @pytest.fixture(autouse=True)
+    def _timers(self) -> Iterator[None]:
+        self.started: list[IdleTimer] = []
+        yield
+        for timer in reversed(self.started):
+            timer.stopService()
+
     def make_timer(self, timeout: float = TIMEOUT, start: bool = True) -> IdleTimer:
         self.clock = Clock()
         self.clock.advance(1000)  # not at 0, so absolute times are tested
@@ -48,18 +56,18 @@ class IdleTimerTests(SynchronousTestCase):
         )
         if start:
             timer.startService()
-            self.addCleanup(timer.stopService)
+            self.started.append(timer)
         return timer
 
     def test_fires_once_after_the_timeout_without_activity(self) -> None:
         self.make_timer()
         self.clock.advance(TIMEOUT - 0.5)
-        self.assertEqual(self.fired, [])
+        assert self.fired == []
         self.clock.advance(0.5)
-        self.assertEqual(self.fired, [1000 + TIMEOUT])
+        assert self.fired == [1000 + TIMEOUT]
         self.clock.advance(TIMEOUT * 10)
-        self.assertEqual(len(self.fired), 1)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        assert len(self.fired) == 1
+        assert self.clock.getDelayedCalls() == []
 
     def test_touch_postpones_firing_until_timeout_after_the_last_touch(self) -> None:
         timer = self.make_timer()
@@ -68,26 +76,26 @@ class IdleTimerTests(SynchronousTestCase):
         self.clock.advance(40)
         timer.touch()  # last activity at 1080
         self.clock.advance(TIMEOUT - 40 - 0.5)  # past the original deadline
-        self.assertEqual(self.fired, [])
+        assert self.fired == []
         self.clock.advance(40)  # 1179.5: still before 1080 + TIMEOUT
-        self.assertEqual(self.fired, [])
+        assert self.fired == []
         self.clock.advance(0.5)
-        self.assertEqual(self.fired, [1080 + TIMEOUT])
+        assert self.fired == [1080 + TIMEOUT]
 
     def test_touch_records_the_clock_time(self) -> None:
         timer = self.make_timer()
         self.clock.advance(12.5)
         timer.touch()
-        self.assertEqual(timer.last_activity, 1012.5)
+        assert timer.last_activity == 1012.5
 
     def test_never_fires_while_sessions_are_attached(self) -> None:
         self.make_timer()
         self.sessions = 1
         for _ in range(20):
             self.clock.advance(TIMEOUT / 2)
-        self.assertEqual(self.fired, [])
+        assert self.fired == []
         # It keeps a call armed to look again, rather than giving up.
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        assert len(self.clock.getDelayedCalls()) == 1
 
     def test_fires_timeout_after_the_last_session_detaches(self) -> None:
         timer = self.make_timer()
@@ -97,50 +105,50 @@ class IdleTimerTests(SynchronousTestCase):
         timer.touch()  # the detach counts as activity
         detached = self.clock.seconds()
         self.clock.advance(TIMEOUT - 0.5)
-        self.assertEqual(self.fired, [])
+        assert self.fired == []
         self.clock.advance(0.5)
-        self.assertEqual(self.fired, [detached + TIMEOUT])
+        assert self.fired == [detached + TIMEOUT]
 
     def test_timeout_zero_never_fires_and_arms_nothing(self) -> None:
         timer = self.make_timer(timeout=0)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        assert self.clock.getDelayedCalls() == []
         timer.touch()
         self.clock.advance(10**9)
-        self.assertEqual(self.fired, [])
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        assert self.fired == []
+        assert self.clock.getDelayedCalls() == []
 
     def test_nothing_is_armed_before_start_service(self) -> None:
         self.make_timer(start=False)
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        assert self.clock.getDelayedCalls() == []
         self.clock.advance(TIMEOUT * 2)
-        self.assertEqual(self.fired, [])
+        assert self.fired == []
 
     def test_idle_period_starts_at_start_service(self) -> None:
         timer = self.make_timer(start=False)
         self.clock.advance(TIMEOUT * 5)
         timer.startService()
-        self.addCleanup(timer.stopService)
+        self.started.append(timer)
         started = self.clock.seconds()
         self.clock.advance(TIMEOUT - 0.5)
-        self.assertEqual(self.fired, [])
+        assert self.fired == []
         self.clock.advance(0.5)
-        self.assertEqual(self.fired, [started + TIMEOUT])
+        assert self.fired == [started + TIMEOUT]
 
     def test_stop_service_cancels_the_pending_call(self) -> None:
         timer = self.make_timer()
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        assert len(self.clock.getDelayedCalls()) == 1
         timer.stopService()
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        assert self.clock.getDelayedCalls() == []
         self.clock.advance(TIMEOUT * 2)
-        self.assertEqual(self.fired, [])
+        assert self.fired == []
 
     def test_stop_service_cancels_a_rearmed_call(self) -> None:
         timer = self.make_timer()
         self.clock.advance(TIMEOUT / 2)
         timer.touch()
         self.clock.advance(TIMEOUT / 2)  # first expiry re-arms for the touch
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        assert len(self.clock.getDelayedCalls()) == 1
         timer.stopService()
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        assert self.clock.getDelayedCalls() == []
         self.clock.advance(TIMEOUT * 2)
-        self.assertEqual(self.fired, [])
+        assert self.fired == []
