@@ -16,10 +16,9 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
-from twisted.trial.unittest import SynchronousTestCase
 
 from support import QUICK, DaemonProcess, ask, hyperd_query, pid_alive, status, wait_for
 
@@ -68,30 +67,46 @@ class TunedDaemon(DaemonProcess):
         return path.read_text() if path.exists() else ""
 
 
-class BusyHyperdTestCase(SynchronousTestCase):
-    timeout = 180
-
+class BusyHyperdTestCase:
     @pytest.fixture(autouse=True)
-    def _tmp(self, tmp_path: Path) -> None:
+    def _world(self, tmp_path: Path, daemons: list[DaemonProcess]) -> Iterator[None]:
+        """
+        After the test (before its daemons are killed): its connections
+        closed, its query threads joined, its sessions' sockets closed, and
+        its hyperds continued, whatever the test did to them.
+        """
         self.tmp = tmp_path
+        self._daemons = daemons
+        self.hyperds: list[int] = []
+        self.sockets: list[socket.socket] = []
+        self.threads: list[threading.Thread] = []
+        self.connections: list[Any] = []
+        yield
+        for conn in reversed(self.connections):
+            conn.close()
+        for thread in self.threads:
+            thread.join(120)
+        for s in reversed(self.sockets):
+            s.close()
+        for pid in self.hyperds:
+            if pid_alive(pid):
+                os.kill(pid, signal.SIGCONT)
 
     def start_daemon(self, **tunables: float) -> tuple[TunedDaemon, dict[str, Any]]:
         daemon = TunedDaemon(self.tmp / "state", {**FAST_PROBES, **tunables}).start()
-        self.addCleanup(daemon.kill)
+        self._daemons.append(daemon)
         facts = daemon.wait_ready()
-        pid = facts["hyperd_pid"]
-        # Whatever a test does to hyperd, it is continued before cleanup.
-        self.addCleanup(lambda: pid_alive(pid) and os.kill(pid, signal.SIGCONT))
+        self.hyperds.append(facts["hyperd_pid"])
         return daemon, facts
 
     def session(self, daemon: DaemonProcess) -> tuple[socket.socket, Any]:
         """A connection carrying a session (so that hyperd is watched)."""
         s = socket.create_connection(("127.0.0.1", daemon.port), timeout=60)
-        self.addCleanup(s.close)
+        self.sockets.append(s)
         f = s.makefile("rwb")
         reply = self.send(f, "SESSION " + json.dumps({"pid": os.getpid(), "name": "busy test",
                                                       "ephemeral_db": None}))
-        self.assertTrue(reply.startswith("OK "), reply)
+        assert reply.startswith("OK "), reply
         return s, f
 
     def send(self, f: Any, line: str) -> str:
@@ -112,21 +127,21 @@ class BusyHyperdTestCase(SynchronousTestCase):
         threads = [threading.Thread(target=run) for _ in range(HEAVY_COUNT)]
         for thread in threads:
             thread.start()
-        self.addCleanup(lambda: [thread.join(120) for thread in threads])
+        self.threads.extend(threads)
         return threads, results
 
     def assert_all_succeeded(self, threads: list[threading.Thread], results: list[Any]) -> None:
         for thread in threads:
             thread.join(120)
-        self.assertEqual(len(results), HEAVY_COUNT)
+        assert len(results) == HEAVY_COUNT
         for result in results:
-            self.assertIsInstance(result, float)
+            assert isinstance(result, float)
 
     def assert_same_hyperd(self, daemon: DaemonProcess, facts: dict[str, Any]) -> None:
         now = status(daemon.port)
-        self.assertEqual((now["state"], now["hyperd_pid"], now["restarts"]),
-                         ("ready", facts["hyperd_pid"], 0))
-        self.assertEqual(hyperd_query(now), 2)
+        assert ((now["state"], now["hyperd_pid"], now["restarts"])
+                == ("ready", facts["hyperd_pid"], 0))
+        assert hyperd_query(now) == 2
 
 
 class BusyHyperdTests(BusyHyperdTestCase):
@@ -143,7 +158,7 @@ class BusyHyperdTests(BusyHyperdTestCase):
         wait_for(lambda: f"hyperd[{pid}] answers again" in daemon.log(), QUICK,
                  "the daemon to see hyperd answer again")
         self.assert_same_hyperd(daemon, facts)
-        self.assertNotIn("starting a new hyperd", daemon.log())
+        assert "starting a new hyperd" not in daemon.log()
 
     def test_busy_hyperd_with_a_session_is_kept_and_its_queries_succeed(self) -> None:
         # A hung limit far shorter than the queries: only the busy-ness of
@@ -153,9 +168,9 @@ class BusyHyperdTests(BusyHyperdTestCase):
         threads, results = self.heavy_queries(facts)
         self.assert_all_succeeded(threads, results)
         pid = facts["hyperd_pid"]
-        self.assertIn(f"hyperd[{pid}] is busy", daemon.log())  # its probes did time out
+        assert f"hyperd[{pid}] is busy" in daemon.log()  # its probes did time out
         self.assert_same_hyperd(daemon, facts)
-        self.assertNotIn("starting a new hyperd", daemon.log())
+        assert "starting a new hyperd" not in daemon.log()
 
     def test_reported_error_on_a_busy_hyperd_keeps_it(self) -> None:
         daemon, facts = self.start_daemon(hung_after=HUNG_AFTER)  # no session: unwatched
@@ -166,10 +181,10 @@ class BusyHyperdTests(BusyHyperdTestCase):
             # Report until one report's probe has met the busy hyperd.
             while f"hyperd[{pid}] is busy" not in daemon.log() and any(
                     t.is_alive() for t in threads):
-                self.assertEqual(self.send(f, "REPORT_HYPERD_ERROR"), "OK")
+                assert self.send(f, "REPORT_HYPERD_ERROR") == "OK"
                 ready = json.loads(self.send(f, "READY")[3:])
-                self.assertEqual(ready["hyperd_endpoint"], facts["hyperd_endpoint"])
-        self.assertIn(f"hyperd[{pid}] is busy", daemon.log())
+                assert ready["hyperd_endpoint"] == facts["hyperd_endpoint"]
+        assert f"hyperd[{pid}] is busy" in daemon.log()
         self.assert_all_succeeded(threads, results)
         self.assert_same_hyperd(daemon, facts)
 
@@ -179,7 +194,7 @@ class BusyHyperdTests(BusyHyperdTestCase):
         # A table only a graceful stop writes out: the file stays attached.
         db = self.tmp / "kept.hyper"
         conn = connect(old)
-        self.addCleanup(conn.close)
+        self.connections.append(conn)
         conn.execute(f'CREATE DATABASE "{db}"')
         conn.execute(f'ATTACH DATABASE "{db}" AS kept')
         conn.execute("CREATE TABLE kept.public.t AS SELECT * FROM generate_series(1, 1000) g(x)")
@@ -189,14 +204,14 @@ class BusyHyperdTests(BusyHyperdTestCase):
                      else None)(status(daemon.port)),
             60, "a replacement for the hung hyperd",
         )
-        self.assertEqual(new["restarts"], 1)
-        self.assertFalse(pid_alive(old["hyperd_pid"]))
+        assert new["restarts"] == 1
+        assert not pid_alive(old["hyperd_pid"])
         log = daemon.log()
-        self.assertIn(f"hyperd[{old['hyperd_pid']}] stopped: exited with code 0", log)
-        self.assertNotIn("killing it", log)
+        assert f"hyperd[{old['hyperd_pid']}] stopped: exited with code 0" in log
+        assert "killing it" not in log
         with connect(new) as c:
             c.execute(f'ATTACH DATABASE "{db}" AS kept')
-            self.assertEqual(c.execute("SELECT count(*) FROM kept.public.t").fetchone()[0], 1000)
+            assert c.execute("SELECT count(*) FROM kept.public.t").fetchone()[0] == 1000
 
     def test_idle_daemon_replaces_a_stopped_hyperd_when_a_session_arrives(self) -> None:
         daemon, old = self.start_daemon(hung_after=HUNG_AFTER)
@@ -208,26 +223,26 @@ class BusyHyperdTests(BusyHyperdTestCase):
             reply = self.send(s.makefile("rwb"), "SESSION " + json.dumps(
                 {"pid": os.getpid(), "name": "late", "ephemeral_db": None}))
             took = time.monotonic() - started
-            self.assertTrue(reply.startswith("OK "), reply)
+            assert reply.startswith("OK "), reply
             facts = json.loads(reply[3:])
-            self.assertNotEqual(facts["hyperd_endpoint"], old["hyperd_endpoint"])
-            self.assertEqual(hyperd_query(facts), 2)
-        self.assertLess(took, 5.0)  # the old path: about 10 s, client timeouts included
-        self.assertIn(f"hyperd[{old['hyperd_pid']}] stopped: exited with code 0", daemon.log())
+            assert facts["hyperd_endpoint"] != old["hyperd_endpoint"]
+            assert hyperd_query(facts) == 2
+        assert took < 5.0  # the old path: about 10 s, client timeouts included
+        assert f"hyperd[{old['hyperd_pid']}] stopped: exited with code 0" in daemon.log()
 
     def test_hung_hyperd_reported_by_a_client_is_replaced(self) -> None:
         daemon, old = self.start_daemon(hung_after=HUNG_AFTER)
         os.kill(old["hyperd_pid"], signal.SIGSTOP)
         with socket.create_connection(("127.0.0.1", daemon.port), timeout=60) as s:
             f = s.makefile("rwb")
-            self.assertEqual(self.send(f, "REPORT_HYPERD_ERROR"), "OK")
+            assert self.send(f, "REPORT_HYPERD_ERROR") == "OK"
             # READY waits for a usable hyperd: the replacement, once the old
             # one has shown no sign of life for the hung limit.
             ready = json.loads(self.send(f, "READY")[3:])
-        self.assertNotEqual(ready["hyperd_endpoint"], old["hyperd_endpoint"])
-        self.assertEqual(hyperd_query(ready), 2)
-        self.assertEqual(status(daemon.port)["restarts"], 1)
-        self.assertFalse(pid_alive(old["hyperd_pid"]))
+        assert ready["hyperd_endpoint"] != old["hyperd_endpoint"]
+        assert hyperd_query(ready) == 2
+        assert status(daemon.port)["restarts"] == 1
+        assert not pid_alive(old["hyperd_pid"])
         wait_for(lambda: daemon.record()["hyperd_endpoint"] == ready["hyperd_endpoint"],
                  QUICK, "daemon.json to name the new hyperd")
 
@@ -235,7 +250,7 @@ class BusyHyperdTests(BusyHyperdTestCase):
         # A grace period the test would time out on: no SIGKILL may be needed.
         daemon, facts = self.start_daemon(stop_grace=120.0)
         os.kill(facts["hyperd_pid"], signal.SIGSTOP)
-        self.assertEqual(ask(daemon.port, "STOP"), ["STOPPING"])
-        self.assertEqual(daemon.wait_exit(QUICK), 0)
-        self.assertFalse(pid_alive(facts["hyperd_pid"]))
-        self.assertIn(f"hyperd[{facts['hyperd_pid']}] stopped: exited with code 0", daemon.log())
+        assert ask(daemon.port, "STOP") == ["STOPPING"]
+        assert daemon.wait_exit(QUICK) == 0
+        assert not pid_alive(facts["hyperd_pid"])
+        assert f"hyperd[{facts['hyperd_pid']}] stopped: exited with code 0" in daemon.log()
