@@ -15,18 +15,21 @@ import sys
 import tempfile
 from numbers import Real
 from pathlib import Path
+from typing import Iterator
 
-from twisted.trial.unittest import SynchronousTestCase
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 180.0
 MEASURES = set(range(1, 10))
 
 
-class QuickBenchmarkTests(SynchronousTestCase):
-    def setUp(self) -> None:
+class QuickBenchmarkTests:
+    @pytest.fixture(autouse=True)
+    def _tmp(self) -> Iterator[None]:
         self.tmp = Path(tempfile.mkdtemp(prefix="bench-test-"))
-        self.addCleanup(shutil.rmtree, self.tmp, True)
+        yield
+        shutil.rmtree(self.tmp, True)
 
     def run_benchmarks(self, *args: str) -> tuple[int, str]:
         env = dict(os.environ, HYPERDB_PEER_DIR=str(self.tmp / "no-such-peer"))
@@ -44,20 +47,20 @@ class QuickBenchmarkTests(SynchronousTestCase):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 out, _ = proc.communicate()
-            self.fail(f"the benchmarks took more than {TIMEOUT:g} s:\n"
-                      + out.decode("utf-8", "replace"))
+            pytest.fail(f"the benchmarks took more than {TIMEOUT:g} s:\n"
+                        + out.decode("utf-8", "replace"))
         return proc.returncode, out.decode("utf-8", "replace")
 
     def test_quick_run_gives_a_number_for_every_measure(self) -> None:
         results = self.tmp / "r.json"
         code, output = self.run_benchmarks("--quick", "--json", str(results))
-        self.assertEqual(code, 0, output)
+        assert code == 0, output
         document = json.loads(results.read_text())
         figures = document["figures"]
-        self.assertEqual({f["measure"] for f in figures}, MEASURES, output)
+        assert {f["measure"] for f in figures} == MEASURES, output
         for figure in figures:
             summary = figure["ours"]
-            self.assertIsInstance(summary, dict, f"{figure['key']} has no value:\n{output}")
-            self.assertIsInstance(summary["median"], Real, figure["key"])
-            self.assertIsInstance(summary["min"], Real, figure["key"])
-            self.assertIsInstance(summary["max"], Real, figure["key"])
+            assert isinstance(summary, dict), f"{figure['key']} has no value:\n{output}"
+            assert isinstance(summary["median"], Real), figure["key"]
+            assert isinstance(summary["min"], Real), figure["key"]
+            assert isinstance(summary["max"], Real), figure["key"]

@@ -43,17 +43,17 @@ class SecretsTests(McpTestCase):
                     or json.loads((self.state / "daemon.json").read_text())["pid"]
                     != record["pid"], QUICK, "the old daemon to be gone")
                 result = await self.call(s, "query", sql="SELECT 2")
-                self.assertEqual(result["rows"], [[2]])
+                assert result["rows"] == [[2]]
                 passwords.append(json.loads((self.state / "daemon.json").read_text())
                                  ["hyperd_password"])
-                self.assertEqual(status(self.ports[0])["state"], "ready")
+                assert status(self.ports[0])["state"] == "ready"
 
         self.drive(go())
         logs = _logs(self.state / "logs")
         logs[self.tmp / "server-stderr.log"] = (self.tmp / "server-stderr.log").read_bytes()
         # The retry path that once logged the environment was taken.
-        self.assertIn(b"Scheduling retry", logs[self.tmp / "server-stderr.log"])
+        assert b"Scheduling retry" in logs[self.tmp / "server-stderr.log"]
         for secret in [TOKEN, *passwords]:
-            self.assertTrue(secret)
+            assert secret
             leaks = [str(path) for path, text in logs.items() if secret.encode() in text]
-            self.assertEqual(leaks, [], f"a secret is in {leaks}")
+            assert leaks == [], f"a secret is in {leaks}"
