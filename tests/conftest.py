@@ -26,6 +26,7 @@ import inspect
 import os
 import signal
 import subprocess
+import unittest
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -59,7 +60,8 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Bound every asynchronous test in time (it can wait for a reactor event forever)."""
     for item in items:
-        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
+        if (isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj)
+                and not (item.cls and issubclass(item.cls, unittest.TestCase))):
             marker = item.get_closest_marker("deadline")
             seconds = float(marker.args[0]) if marker else ASYNC_TEST_TIMEOUT
             item.obj = _bounded(item.obj, seconds, item.name)
@@ -185,12 +187,13 @@ def _run_trial_cases_on_the_session_reactor() -> None:
     done to a running one.  They wait through pytest-twisted instead, and
     L{clean_reactor} checks them in place of trial's janitor.
     """
-    from twisted.trial import unittest, util
+    from twisted.trial import util
+    from twisted.trial.unittest import TestCase
 
-    def wait(self: unittest.TestCase, d: defer.Deferred[Any], running: object = None) -> None:
+    def wait(self: TestCase, d: defer.Deferred[Any], running: object = None) -> None:
         pytest_twisted.blockon(d)
 
-    unittest.TestCase._wait = wait  # type: ignore[method-assign]
+    TestCase._wait = wait  # type: ignore[method-assign]
     util._Janitor.postCaseCleanup = lambda self: True  # type: ignore[method-assign]
     util._Janitor.postClassCleanup = lambda self: None  # type: ignore[method-assign]
 

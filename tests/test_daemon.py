@@ -958,9 +958,11 @@ class DropRetryTests:
         assert (folder / "scratch.hyper").exists()
         await deferToThread(conn.close)
         await until(lambda: not folder.exists(), QUICK, "the folder to be removed")
+        # Logged once the removal (in a thread) has reported back.
+        removed = f"removed the ephemeral database of session {session_id}"
+        await until(lambda: removed in daemon_log(in_process.state), QUICK, "the removal's log")
         log = daemon_log(in_process.state)
         assert f"{folder / 'scratch.hyper'} is still in use after 0.5 s; trying again" in log
-        assert f"removed the ephemeral database of session {session_id}" in log
 
     @pytest_twisted.ensureDeferred
     async def test_a_waiting_drop_is_tried_again_when_a_session_ends(

@@ -11,7 +11,6 @@ import json
 import os
 import signal
 import socket
-from pathlib import Path
 
 import psycopg
 import pytest
