@@ -610,25 +610,6 @@ class _WorkerPool(ThreadPool):
     threadFactory = functools.partial(threading.Thread, daemon=True)
 
 
-class _turn:
-    """An exclusive lock on a file (flock), held for a block; blocks: worker threads only."""
-
-    def __init__(self, path: Path) -> None:
-        self._path = path
-        self._fd: int | None = None
-
-    def __enter__(self) -> None:
-        import fcntl
-
-        self._fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o600)
-        fcntl.flock(self._fd, fcntl.LOCK_EX)
-
-    def __exit__(self, *exc: object) -> None:
-        if self._fd is not None:
-            os.close(self._fd)  # releases the lock
-            self._fd = None
-
-
 def connect_hyperd(credentials: Credentials) -> Any:
     """
     A psycopg connection (autocommit) to the C{hyperd} of C{credentials},
@@ -924,19 +905,20 @@ class Session:
         import psycopg
 
         quoted = _quote(str(shared.path))
-        attach = f"ATTACH DATABASE {quoted} AS {_quote(shared.alias)}"
-        if not shared.create:
-            self._connection.execute(attach)
-            return
-        shared.path.parent.mkdir(parents=True, exist_ok=True)
-        # Sessions creating and attaching a new database at the same
-        # moment can wedge hyperd: take turns.
-        with _turn(shared.path.parent / ".hyperdb-attach.lock"):
-            try:
-                self._connection.execute(f"CREATE DATABASE IF NOT EXISTS {quoted}")
-            except psycopg.errors.ObjectInUse:
-                pass  # another session is creating it right now
-            self._connection.execute(attach)
+        if shared.create:
+            shared.path.parent.mkdir(parents=True, exist_ok=True)
+        # Sessions take turns: an ATTACH while another connection runs
+        # CREATE DATABASE IF NOT EXISTS on the same file wedges hyperd.
+        shared.attaching.lock(exclusive=True)
+        try:
+            if shared.create and not shared.path.exists():
+                try:
+                    self._connection.execute(f"CREATE DATABASE IF NOT EXISTS {quoted}")
+                except psycopg.errors.ObjectInUse:
+                    pass  # a client of an older version is creating it right now
+            self._connection.execute(f"ATTACH DATABASE {quoted} AS {_quote(shared.alias)}")
+        finally:
+            shared.attaching.unlock()
 
     def _let_go(self, shared: SharedFile) -> None:
         """Detach a shared file and let go of its hold."""

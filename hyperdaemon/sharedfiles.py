@@ -82,18 +82,21 @@ class LockFile:
             os.close(fd)  # releases any lock
 
 
-def lock_paths(database: Path, fallback_dir: Path) -> tuple[Path, Path]:
+def lock_paths(database: Path, fallback_dir: Path) -> tuple[Path, Path, Path]:
     """
-    The hold and turnstile locks of C{database}: beside it, so that every
-    session of every state directory meets on them; in C{fallback_dir}
-    when its folder cannot be written to.
+    The hold, turnstile and attach locks of C{database}: beside it, so that
+    every session of every state directory meets on them; in
+    C{fallback_dir} when its folder cannot be written to.  The attach lock
+    is the folder's C{.hyperdb-attach.lock}, which older clients take too.
     """
     folder, name = database.parent, database.name
     if os.access(folder, os.W_OK):
-        return folder / f".{name}.hold.lock", folder / f".{name}.turnstile.lock"
+        return (folder / f".{name}.hold.lock", folder / f".{name}.turnstile.lock",
+                folder / ".hyperdb-attach.lock")
     fallback_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     key = hashlib.sha256(os.fsencode(database)).hexdigest()[:32]
-    return fallback_dir / f"{key}.hold.lock", fallback_dir / f"{key}.turnstile.lock"
+    return (fallback_dir / f"{key}.hold.lock", fallback_dir / f"{key}.turnstile.lock",
+            fallback_dir / f"{key}.attach.lock")
 
 
 @attrs.define(eq=False)
@@ -104,18 +107,24 @@ class SharedFile:
     path: Path
     hold: LockFile
     turnstile: LockFile
+    #: Held, exclusively, around every CREATE and ATTACH of the file: an
+    #: ATTACH while another connection runs CREATE DATABASE IF NOT EXISTS
+    #: on the same file wedges hyperd (seen with 0.0.26963).
+    attaching: LockFile
     #: Create the file at the first attach if it is missing.
     create: bool = False
     attached: bool = False
 
     @classmethod
     def at(cls, alias: str, path: Path, fallback_dir: Path, create: bool = False) -> "SharedFile":
-        hold, turnstile = lock_paths(path, fallback_dir)
-        return cls(alias, path, LockFile(hold), LockFile(turnstile), create)
+        hold, turnstile, attaching = lock_paths(path, fallback_dir)
+        return cls(alias, path, LockFile(hold), LockFile(turnstile), LockFile(attaching),
+                   create)
 
     def close(self) -> None:
         self.hold.close()
         self.turnstile.close()
+        self.attaching.close()
 
 
 def take_hold(shared: SharedFile, let_go: Callable[[], None]) -> None:

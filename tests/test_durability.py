@@ -38,6 +38,37 @@ async def count(session: Session, table: str) -> int:
     return (await session.query(f"SELECT count(*) FROM {table}")).rows[0][0]
 
 
+class ConcurrentAttachTests:
+    @pytest.mark.deadline(120)
+    @pytest_twisted.ensureDeferred
+    async def test_sessions_writing_and_reading_one_file_at_once_never_wedge_hyperd(
+            self, clients: Clients) -> None:
+        # Writes make every session let go of the file and attach it again,
+        # the writer in the background: attaches of one file from several
+        # connections at once, which wedged hyperd when one of them ran
+        # CREATE DATABASE IF NOT EXISTS meanwhile.
+        from twisted.internet import defer
+
+        sessions = [await clients.open(name=f"s{i}", ephemeral_only=True) for i in range(3)]
+        path = clients.tmp / "shared.hyper"
+        # The first one made the file; the others only attach it.
+        await sessions[0].attach("shared", path, create=True)
+        for session in sessions[1:]:
+            await session.attach("shared", path)
+        await sessions[0].execute("CREATE TABLE shared.public.busy (x int)")
+
+        async def work(i: int, session: Session) -> None:
+            for n in range(15):
+                if n % 3 == i % 3:
+                    await session.execute(f"INSERT INTO shared.public.busy VALUES ({n})")
+                else:
+                    await count(session, "shared.public.busy")
+
+        await defer.gatherResults([defer.ensureDeferred(work(i, s))
+                                   for i, s in enumerate(sessions)])
+        assert await count(sessions[0], "shared.public.busy") == 15
+
+
 class DurableWriteTests:
     @pytest_twisted.ensureDeferred
     async def test_a_write_survives_sigkill_while_other_sessions_hold_the_file(
