@@ -40,7 +40,7 @@ async def _median_ms(n: int, call: Callable[[], Awaitable[Any]]) -> float:
 async def _measure(reactor: Any, tables: int, calls: int, work: Path) -> dict[str, float]:
     import psycopg
 
-    from hyperdaemon.session import Session
+    from hyperdaemon.client.session import Session
 
     env = dict(os.environ, HYPERDB_STATE_DIR=str(work / "state"),
                HYPERDB_DAEMON_PORT_RANGE=PORT_RANGE,

@@ -21,8 +21,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, NoReturn, Sequence
 
-from . import __version__, config
-from .healthclient import (
+from hyperdaemon import __version__, config
+from hyperdaemon.client.healthclient import (
     DaemonError,
     PortProbe,
     PortState,
@@ -150,7 +150,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = vars(args)
     if args.command != "daemon":
-        from .mcpserver import run
+        from hyperdaemon.mcp.server import run
 
         return run(options)
     action = options.get("action")
@@ -327,7 +327,7 @@ def daemon_stop(options: dict[str, Any]) -> int:
 def _without_openssl() -> None:
     """
     Keep OpenSSL out of the daemon process, before anything imports it.
-    Nothing there encrypts, and SCRAM (L{hyperdaemon.pgwire}) hashes with
+    Nothing there encrypts, and SCRAM (L{hyperdaemon.daemon.pgwire}) hashes with
     Python's built-in SHA-256, but Twisted's own imports (asyncio, urllib)
     load OpenSSL whenever they can: a sixth of the daemon's memory.  They
     all run without it, as on a Python built without OpenSSL.
@@ -350,8 +350,8 @@ def run_daemon(options: dict[str, Any]) -> int:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    from .daemon import AlreadyRunning, StartupError, tell_spawner
-    from .tap import build_service
+    from hyperdaemon.daemon.service import AlreadyRunning, StartupError, tell_spawner
+    from hyperdaemon.daemon.tap import build_service
 
     ready_fd = options.get("ready_fd")
     try:

@@ -16,7 +16,7 @@ from twisted.internet import defer, task
 from twisted.internet.stdio import StandardIO
 from twisted.protocols.basic import LineReceiver
 
-from hyperdaemon.session import Session
+from hyperdaemon.client.session import Session
 
 
 class _UntilEOF(LineReceiver):

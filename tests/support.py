@@ -189,10 +189,10 @@ class Clients:
         return cls(tmp_path, state, ports, env)
 
     async def open(self, **kwargs: Any) -> Any:
-        """A L{hyperdaemon.session.Session} in this world, closed at the end."""
+        """A L{hyperdaemon.client.session.Session} in this world, closed at the end."""
         from twisted.internet import reactor
 
-        from hyperdaemon.session import Session
+        from hyperdaemon.client.session import Session
 
         session = await Session.open(reactor, environ=self.env, **kwargs)
         self._enders.append(session.close)

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 PROBE_PLUGIN = '''\
 from twisted.application.service import ServiceMaker
 
-probe = ServiceMaker("install-probe", "hyperdaemon.tap", "only in the copy", "install-probe")
+probe = ServiceMaker("install-probe", "hyperdaemon.daemon.tap", "only in the copy", "install-probe")
 '''
 #: Bound for pip and for one Twisted command.
 TIMEOUT = 120

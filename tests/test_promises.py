@@ -21,14 +21,14 @@ from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.protocols.basic import LineReceiver
 
-from hyperdaemon import finder as finder_module
-from hyperdaemon import session as session_module
+from hyperdaemon.client import finder as finder_module
+from hyperdaemon.client import session as session_module
 from hyperdaemon.config import PortChoice
-from hyperdaemon.daemon import SESSION_PROTOCOL
-from hyperdaemon.finder import Finder
-from hyperdaemon.session import SessionError
+from hyperdaemon.daemon.service import SESSION_PROTOCOL
+from hyperdaemon.client.finder import Finder
+from hyperdaemon.client.session import SessionError
 from support import QUICK, Clients, pid_alive, until
-from test_mcpserver import McpTestCase, ToolCallError
+from mcp_support import McpTestCase, ToolCallError
 
 #: Clients spawn daemons and hyperds: more time than an asynchronous test's default.
 pytestmark = pytest.mark.deadline(180)

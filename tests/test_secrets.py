@@ -12,7 +12,7 @@ import signal
 from pathlib import Path
 
 from support import QUICK, status, wait_for
-from test_mcpserver import McpTestCase
+from mcp_support import McpTestCase
 
 TOKEN = "planted-token-6f1d0c9a5e"
 

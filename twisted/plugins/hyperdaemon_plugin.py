@@ -2,7 +2,7 @@ from twisted.application.service import ServiceMaker
 
 hyperdaemon = ServiceMaker(
     "hyperdaemon",
-    "hyperdaemon.tap",
+    "hyperdaemon.daemon.tap",
     "The per-user hyperdb-mcp daemon: one shared hyperd for every MCP server.",
     "hyperdaemon",
 )

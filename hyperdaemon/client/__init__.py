@@ -1,0 +1,1 @@
+"""The client side: finding or spawning the daemon, and sessions on its hyperd."""

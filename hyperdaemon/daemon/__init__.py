@@ -1,0 +1,1 @@
+"""The daemon: its service, health protocol, hyperd supervisor and sessions."""

@@ -1,0 +1,72 @@
+"""
+What the MCP tests share: a test case that drives real C{hyperdb-mcp}
+servers over stdio with the SDK's own client, and small data.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import sys
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+from twisted.trial.unittest import SynchronousTestCase
+
+from support import READY_TIMEOUT, client_environment, stop_daemon_on
+
+UPSTREAM_TOOLS = {
+    "query", "execute", "load_data", "load_file", "query_data", "query_file", "describe",
+    "sample", "attach_database", "detach_database", "list_attached_databases", "export",
+    "status", "get_readme",
+}
+
+CSV = "city,population,area\nLyon,522000,47.87\nNice,342000,71.92\nBrest,139000,49.51\n"
+
+
+class McpTestCase(SynchronousTestCase):
+    @pytest.fixture(autouse=True)
+    def _tmp(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.state, self.ports, self.env = client_environment(tmp_path)
+        self.addCleanup(stop_daemon_on, self.ports)
+        self.csv = tmp_path / "cities.csv"
+        self.csv.write_text(CSV)
+
+    @contextlib.asynccontextmanager
+    async def server(self, *args: str) -> AsyncIterator[Any]:
+        from mcp.client.session import ClientSession
+        from mcp.client.stdio import StdioServerParameters, stdio_client
+
+        params = StdioServerParameters(command=sys.executable,
+                                       args=["-m", "hyperdaemon", *args], env=self.env)
+        with open(self.tmp / "server-stderr.log", "a") as errlog:
+            async with stdio_client(params, errlog=errlog) as (read, write):
+                async with ClientSession(read, write) as session:
+                    await session.initialize()
+                    yield session
+
+    def drive(self, coroutine: Any) -> Any:
+        return asyncio.run(asyncio.wait_for(coroutine, READY_TIMEOUT * 2))
+
+    async def call(self, session: Any, tool: str, **arguments: Any) -> Any:
+        result = await session.call_tool(tool, arguments)
+        text = result.content[0].text
+        if result.is_error:
+            raise ToolCallError(text)
+        try:
+            return json.loads(text)
+        except ValueError:
+            return text
+
+    def sessions_left(self) -> list[Path]:
+        root = self.state / "sessions"
+        return list(root.iterdir()) if root.exists() else []
+
+
+class ToolCallError(Exception):
+    pass
+
+
