@@ -77,3 +77,18 @@ def test_an_editable_install_keeps_the_twistd_plugin_visible(tmp_path: Path) -> 
                                      "sys.argv[0] = 'twistd'; run()", "hyperdaemon", "--help"],
                       elsewhere)
     assert "--idle-timeout" in twistd_help, twistd_help
+
+
+def test_a_regular_install_carries_every_package_of_the_project() -> None:
+    # setup.cfg lists the packages by name (find: would miss twisted.plugins,
+    # which has no __init__.py on purpose): a new folder of the package that
+    # is not listed works from the source tree and in an editable install,
+    # and is missing from a regular one (pip install .).
+    import configparser
+
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    listed = set(config["options"]["packages"].split())
+    found = {".".join(init.parent.relative_to(ROOT).parts)
+             for init in (ROOT / "hyperdaemon").rglob("__init__.py")}
+    assert found - listed == set()
