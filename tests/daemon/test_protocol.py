@@ -7,7 +7,7 @@ with a fake daemon and a L{Clock}.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 from twisted.internet.address import IPv4Address
@@ -17,7 +17,6 @@ from twisted.internet.task import Clock
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
-from twisted.trial.unittest import SynchronousTestCase
 
 from hyperdaemon.daemon.protocol import HealthFactory, HealthProtocol
 
@@ -88,7 +87,17 @@ class FakeAuthorizer:
 
 
 class HealthProtocolTestsMixin:
-    """Builds connected protocols through L{HealthFactory}."""
+    """
+    Builds connected protocols through L{HealthFactory}; each one's
+    connection is lost after the test.
+    """
+
+    @pytest.fixture(autouse=True)
+    def _connections(self) -> Iterator[None]:
+        self.protocols: list[HealthProtocol] = []
+        yield
+        for proto in reversed(self.protocols):
+            proto.connectionLost(Failure(ConnectionDone()))
 
     def connect(self, allowed: bool = True) -> tuple[HealthProtocol, StringTransport]:
         self.clock = Clock()
@@ -106,7 +115,7 @@ class HealthProtocolTestsMixin:
             peerAddress=IPv4Address("TCP", "127.0.0.1", 50000),
         )
         proto.makeConnection(transport)
-        self.addCleanup(proto.connectionLost, Failure(ConnectionDone()))
+        self.protocols.append(proto)
         return proto, transport
 
     def exchange(self, proto: HealthProtocol, transport: StringTransport, data: bytes) -> bytes:
@@ -116,254 +125,229 @@ class HealthProtocolTestsMixin:
         return transport.value()
 
 
-class CommandTests(HealthProtocolTestsMixin, SynchronousTestCase):
+class CommandTests(HealthProtocolTestsMixin):
     """Each SPEC command gets its byte-exact reply and effect."""
 
     def test_ping_replies_pong_with_product_and_version(self) -> None:
         proto, transport = self.connect()
-        self.assertEqual(
-            self.exchange(proto, transport, b"PING\n"), b"PONG hyperdb-mcp 9.8.7\n"
-        )
+        assert self.exchange(proto, transport, b"PING\n") == b"PONG hyperdb-mcp 9.8.7\n"
 
     def test_heartbeat_replies_ok(self) -> None:
         proto, transport = self.connect()
-        self.assertEqual(self.exchange(proto, transport, b"HEARTBEAT\n"), b"OK\n")
+        assert self.exchange(proto, transport, b"HEARTBEAT\n") == b"OK\n"
 
     def test_status_replies_one_line_of_compact_json_equal_to_target_status(self) -> None:
         proto, transport = self.connect()
         reply = self.exchange(proto, transport, b"STATUS\n")
-        self.assertTrue(reply.endswith(b"\n"))
-        self.assertEqual(reply.count(b"\n"), 1)
+        assert reply.endswith(b"\n")
+        assert reply.count(b"\n") == 1
         body = reply[:-1]
-        self.assertEqual(json.loads(body.decode("utf-8")), STATUS)
+        assert json.loads(body.decode("utf-8")) == STATUS
         # Compact: no space after the separators (the only spaces are inside
         # the string values, and STATUS has exactly one such space).
-        self.assertNotIn(b", ", body)
-        self.assertNotIn(b": ", body)
-        self.assertEqual(self.target.calls.count("status"), 1)
+        assert b", " not in body
+        assert b": " not in body
+        assert self.target.calls.count("status") == 1
 
     def test_stop_replies_stopping_and_stops_target(self) -> None:
         proto, transport = self.connect()
-        self.assertEqual(self.exchange(proto, transport, b"STOP\n"), b"STOPPING\n")
-        self.assertEqual(self.target.calls.count("stop"), 1)
+        assert self.exchange(proto, transport, b"STOP\n") == b"STOPPING\n"
+        assert self.target.calls.count("stop") == 1
 
     def test_report_hyperd_error_replies_ok_and_notifies_target(self) -> None:
         proto, transport = self.connect()
-        self.assertEqual(self.exchange(proto, transport, b"REPORT_HYPERD_ERROR\n"), b"OK\n")
-        self.assertEqual(self.target.calls.count("report_hyperd_error"), 1)
+        assert self.exchange(proto, transport, b"REPORT_HYPERD_ERROR\n") == b"OK\n"
+        assert self.target.calls.count("report_hyperd_error") == 1
 
     def test_only_stop_calls_stop_and_only_report_calls_report(self) -> None:
         proto, transport = self.connect()
         self.exchange(proto, transport, b"PING\nHEARTBEAT\nSTATUS\nNOPE\n")
-        self.assertNotIn("stop", self.target.calls)
-        self.assertNotIn("report_hyperd_error", self.target.calls)
+        assert "stop" not in self.target.calls
+        assert "report_hyperd_error" not in self.target.calls
 
     def test_each_accepted_command_touches_target_once(self) -> None:
         proto, transport = self.connect()
         self.exchange(proto, transport, b"HEARTBEAT\nSTATUS\nREPORT_HYPERD_ERROR\nPING\n")
-        self.assertEqual(self.target.calls.count("touch"), 4)
+        assert self.target.calls.count("touch") == 4
 
     def test_unknown_command_replies_err_and_connection_stays_usable(self) -> None:
         proto, transport = self.connect()
-        self.assertEqual(
-            self.exchange(proto, transport, b"FROBNICATE\n"), b"ERR unknown command\n"
-        )
-        self.assertFalse(transport.disconnecting)
-        self.assertEqual(
-            self.exchange(proto, transport, b"PING\n"), b"PONG hyperdb-mcp 9.8.7\n"
-        )
+        assert self.exchange(proto, transport, b"FROBNICATE\n") == b"ERR unknown command\n"
+        assert not transport.disconnecting
+        assert self.exchange(proto, transport, b"PING\n") == b"PONG hyperdb-mcp 9.8.7\n"
 
     def test_lowercase_command_is_unknown(self) -> None:
         proto, transport = self.connect()
-        self.assertEqual(self.exchange(proto, transport, b"ping\n"), b"ERR unknown command\n")
-        self.assertEqual(self.exchange(proto, transport, b"stop\n"), b"ERR unknown command\n")
-        self.assertNotIn("stop", self.target.calls)
+        assert self.exchange(proto, transport, b"ping\n") == b"ERR unknown command\n"
+        assert self.exchange(proto, transport, b"stop\n") == b"ERR unknown command\n"
+        assert "stop" not in self.target.calls
 
     def test_empty_line_is_unknown_and_connection_stays_usable(self) -> None:
         proto, transport = self.connect()
-        self.assertEqual(self.exchange(proto, transport, b"\n"), b"ERR unknown command\n")
-        self.assertEqual(self.exchange(proto, transport, b"  \t\r\n"), b"ERR unknown command\n")
-        self.assertFalse(transport.disconnecting)
-        self.assertEqual(
-            self.exchange(proto, transport, b"PING\n"), b"PONG hyperdb-mcp 9.8.7\n"
-        )
+        assert self.exchange(proto, transport, b"\n") == b"ERR unknown command\n"
+        assert self.exchange(proto, transport, b"  \t\r\n") == b"ERR unknown command\n"
+        assert not transport.disconnecting
+        assert self.exchange(proto, transport, b"PING\n") == b"PONG hyperdb-mcp 9.8.7\n"
 
     def test_several_commands_in_one_write_get_replies_in_order(self) -> None:
         proto, transport = self.connect()
         reply = self.exchange(
             proto, transport, b"HEARTBEAT\nPING\nNOPE\nSTOP\nREPORT_HYPERD_ERROR\n"
         )
-        self.assertEqual(
-            reply,
-            b"OK\nPONG hyperdb-mcp 9.8.7\nERR unknown command\nSTOPPING\nOK\n",
-        )
+        assert reply == b"OK\nPONG hyperdb-mcp 9.8.7\nERR unknown command\nSTOPPING\nOK\n"
 
     def test_command_split_across_writes_is_answered_once_complete(self) -> None:
         proto, transport = self.connect()
-        self.assertEqual(self.exchange(proto, transport, b"PI"), b"")
-        self.assertEqual(self.exchange(proto, transport, b"NG\nHEART"), b"PONG hyperdb-mcp 9.8.7\n")
-        self.assertEqual(self.exchange(proto, transport, b"BEAT\n"), b"OK\n")
+        assert self.exchange(proto, transport, b"PI") == b""
+        assert self.exchange(proto, transport, b"NG\nHEART") == b"PONG hyperdb-mcp 9.8.7\n"
+        assert self.exchange(proto, transport, b"BEAT\n") == b"OK\n"
 
     def test_crlf_line_endings_are_accepted(self) -> None:
         proto, transport = self.connect()
-        self.assertEqual(
-            self.exchange(proto, transport, b"PING\r\nHEARTBEAT\r\n"),
-            b"PONG hyperdb-mcp 9.8.7\nOK\n",
-        )
+        assert (self.exchange(proto, transport, b"PING\r\nHEARTBEAT\r\n")
+                == b"PONG hyperdb-mcp 9.8.7\nOK\n")
 
     def test_surrounding_whitespace_is_trimmed(self) -> None:
         proto, transport = self.connect()
-        self.assertEqual(
-            self.exchange(proto, transport, b"  \tPING \t\n"), b"PONG hyperdb-mcp 9.8.7\n"
-        )
-        self.assertEqual(self.exchange(proto, transport, b" STOP  \r\n"), b"STOPPING\n")
-        self.assertEqual(self.target.calls.count("stop"), 1)
+        assert self.exchange(proto, transport, b"  \tPING \t\n") == b"PONG hyperdb-mcp 9.8.7\n"
+        assert self.exchange(proto, transport, b" STOP  \r\n") == b"STOPPING\n"
+        assert self.target.calls.count("stop") == 1
 
     def test_invalid_utf8_replies_err_and_connection_stays_usable(self) -> None:
         proto, transport = self.connect()
-        self.assertEqual(self.exchange(proto, transport, b"PI\xffNG\n"), b"ERR invalid utf-8\n")
-        self.assertFalse(transport.disconnecting)
-        self.assertEqual(
-            self.exchange(proto, transport, b"PING\n"), b"PONG hyperdb-mcp 9.8.7\n"
-        )
+        assert self.exchange(proto, transport, b"PI\xffNG\n") == b"ERR invalid utf-8\n"
+        assert not transport.disconnecting
+        assert self.exchange(proto, transport, b"PING\n") == b"PONG hyperdb-mcp 9.8.7\n"
 
 
-class LineLengthTests(HealthProtocolTestsMixin, SynchronousTestCase):
+class LineLengthTests(HealthProtocolTestsMixin):
     """A line longer than MAX_LENGTH ends the connection."""
 
     def test_line_longer_than_max_length_replies_err_and_closes(self) -> None:
         proto, transport = self.connect()
         line = b"A" * (HealthProtocol.MAX_LENGTH + 1) + b"\n"
-        self.assertEqual(self.exchange(proto, transport, line), b"ERR line too long\n")
-        self.assertTrue(transport.disconnecting)
+        assert self.exchange(proto, transport, line) == b"ERR line too long\n"
+        assert transport.disconnecting
 
     def test_unterminated_data_longer_than_max_length_replies_err_and_closes(self) -> None:
         proto, transport = self.connect()
-        self.assertEqual(
-            self.exchange(proto, transport, b"A" * (HealthProtocol.MAX_LENGTH + 2)),
-            b"ERR line too long\n",
-        )
-        self.assertTrue(transport.disconnecting)
+        assert (self.exchange(proto, transport, b"A" * (HealthProtocol.MAX_LENGTH + 2))
+                == b"ERR line too long\n")
+        assert transport.disconnecting
 
     def test_line_of_exactly_max_length_is_not_too_long(self) -> None:
         proto, transport = self.connect()
         line = b"A" * HealthProtocol.MAX_LENGTH + b"\n"
-        self.assertEqual(self.exchange(proto, transport, line), b"ERR unknown command\n")
-        self.assertFalse(transport.disconnecting)
+        assert self.exchange(proto, transport, line) == b"ERR unknown command\n"
+        assert not transport.disconnecting
 
     def test_commands_after_an_overlong_line_are_not_executed(self) -> None:
         proto, transport = self.connect()
         data = b"A" * (HealthProtocol.MAX_LENGTH + 1) + b"\nSTOP\n"
-        self.assertEqual(self.exchange(proto, transport, data), b"ERR line too long\n")
-        self.assertNotIn("stop", self.target.calls)
+        assert self.exchange(proto, transport, data) == b"ERR line too long\n"
+        assert "stop" not in self.target.calls
 
     def test_closing_unregisters_the_read_throttle(self) -> None:
         # A real transport finishes loseConnection only once no streaming
         # producer is registered.
         proto, transport = self.connect()
-        self.assertIsNotNone(transport.producer)
+        assert transport.producer is not None
         self.exchange(proto, transport, b"A" * (HealthProtocol.MAX_LENGTH + 1) + b"\n")
-        self.assertIsNone(transport.producer)
+        assert transport.producer is None
 
     def test_no_timeout_reply_follows_a_line_too_long_close(self) -> None:
         proto, transport = self.connect()
         self.exchange(proto, transport, b"A" * (HealthProtocol.MAX_LENGTH + 1) + b"\n")
         transport.clear()
         self.clock.advance(HealthProtocol.timeOut + 1)
-        self.assertEqual(transport.value(), b"")
+        assert transport.value() == b""
 
 
-class AuthorizationTests(HealthProtocolTestsMixin, SynchronousTestCase):
+class AuthorizationTests(HealthProtocolTestsMixin):
     """A peer that authorize refuses may only PING."""
 
     def test_refused_peer_may_ping(self) -> None:
         proto, transport = self.connect(allowed=False)
-        self.assertEqual(
-            self.exchange(proto, transport, b"PING\n"), b"PONG hyperdb-mcp 9.8.7\n"
-        )
+        assert self.exchange(proto, transport, b"PING\n") == b"PONG hyperdb-mcp 9.8.7\n"
 
     def test_refused_peer_gets_forbidden_for_every_other_command(self) -> None:
         proto, transport = self.connect(allowed=False)
         for line in [b"STATUS", b"STOP", b"HEARTBEAT", b"REPORT_HYPERD_ERROR", b"NOPE", b""]:
-            self.assertEqual(
-                self.exchange(proto, transport, line + b"\n"), b"ERR forbidden\n", line
-            )
-        self.assertFalse(transport.disconnecting)
+            assert self.exchange(proto, transport, line + b"\n") == b"ERR forbidden\n", line
+        assert not transport.disconnecting
 
     def test_refused_peer_cannot_stop_read_status_or_touch(self) -> None:
         proto, transport = self.connect(allowed=False)
         self.exchange(proto, transport, b"STATUS\nSTOP\nHEARTBEAT\nREPORT_HYPERD_ERROR\nNOPE\n")
-        self.assertEqual(self.target.calls, [])
+        assert self.target.calls == []
 
     def test_refused_peer_can_still_ping_after_forbidden_commands(self) -> None:
         proto, transport = self.connect(allowed=False)
         self.exchange(proto, transport, b"STOP\n")
-        self.assertEqual(
-            self.exchange(proto, transport, b"PING\n"), b"PONG hyperdb-mcp 9.8.7\n"
-        )
+        assert self.exchange(proto, transport, b"PING\n") == b"PONG hyperdb-mcp 9.8.7\n"
 
     def test_authorize_is_given_the_connection_transport(self) -> None:
         proto, transport = self.connect()
         self.exchange(proto, transport, b"STATUS\n")
-        self.assertEqual(self.authorize.consulted, [transport])
+        assert self.authorize.consulted == [transport]
 
     def test_authorize_is_consulted_once_per_connection_when_allowed(self) -> None:
         proto, transport = self.connect(allowed=True)
         self.exchange(proto, transport, b"STATUS\nHEARTBEAT\n")
         self.exchange(proto, transport, b"REPORT_HYPERD_ERROR\nNOPE\nSTOP\n")
-        self.assertEqual(len(self.authorize.consulted), 1)
+        assert len(self.authorize.consulted) == 1
 
     def test_authorize_is_consulted_once_per_connection_when_refused(self) -> None:
         proto, transport = self.connect(allowed=False)
         self.exchange(proto, transport, b"STATUS\nHEARTBEAT\n")
         self.exchange(proto, transport, b"STOP\nNOPE\n")
-        self.assertEqual(len(self.authorize.consulted), 1)
+        assert len(self.authorize.consulted) == 1
 
     def test_ping_does_not_consult_authorize(self) -> None:
         proto, transport = self.connect()
         self.exchange(proto, transport, b"PING\nPING\n")
-        self.assertEqual(self.authorize.consulted, [])
+        assert self.authorize.consulted == []
 
     def test_refused_peers_ping_does_not_keep_the_daemon_awake(self) -> None:
         proto, transport = self.connect(allowed=False)
         self.exchange(proto, transport, b"STATUS\nPING\nPING\n")
-        self.assertEqual(self.target.calls, [])
+        assert self.target.calls == []
 
     def test_a_known_users_ping_counts_as_activity(self) -> None:
         proto, transport = self.connect(allowed=True)
         self.exchange(proto, transport, b"HEARTBEAT\n")
         self.target.calls.clear()
         self.exchange(proto, transport, b"PING\n")
-        self.assertEqual(self.target.calls, ["touch"])
+        assert self.target.calls == ["touch"]
 
     def test_a_lone_ping_is_no_activity(self) -> None:
         proto, transport = self.connect(allowed=True)
         self.exchange(proto, transport, b"PING\n")
-        self.assertEqual(self.target.calls, [])
+        assert self.target.calls == []
 
     def test_each_connection_is_authorized_on_its_own(self) -> None:
         proto1, transport1 = self.connect()
         proto2, transport2 = self.open_connection()
         self.exchange(proto1, transport1, b"STATUS\n")
         self.exchange(proto2, transport2, b"STATUS\n")
-        self.assertEqual(self.authorize.consulted, [transport1, transport2])
+        assert self.authorize.consulted == [transport1, transport2]
 
 
-class TimeoutTests(HealthProtocolTestsMixin, SynchronousTestCase):
+class TimeoutTests(HealthProtocolTestsMixin):
     """A connection that sends no whole line for timeOut seconds is dropped."""
 
     def test_silent_connection_is_not_dropped_before_the_timeout(self) -> None:
         proto, transport = self.connect()
         self.clock.advance(HealthProtocol.timeOut - 0.5)
-        self.assertEqual(transport.value(), b"")
-        self.assertFalse(transport.disconnecting)
+        assert transport.value() == b""
+        assert not transport.disconnecting
 
     def test_silent_connection_gets_err_timeout_and_is_closed(self) -> None:
         proto, transport = self.connect()
         self.clock.advance(HealthProtocol.timeOut + 0.5)
-        self.assertEqual(transport.value(), b"ERR timeout\n")
-        self.assertTrue(transport.disconnecting)
-        self.assertIsNone(transport.producer)
+        assert transport.value() == b"ERR timeout\n"
+        assert transport.disconnecting
+        assert transport.producer is None
 
     def test_trickling_partial_line_still_times_out(self) -> None:
         proto, transport = self.connect()
@@ -371,20 +355,20 @@ class TimeoutTests(HealthProtocolTestsMixin, SynchronousTestCase):
         for byte in [b"P", b"I", b"N"]:
             self.clock.advance(step)
             proto.dataReceived(byte)
-        self.assertFalse(transport.disconnecting)
+        assert not transport.disconnecting
         self.clock.advance(step + 0.5)
-        self.assertEqual(transport.value(), b"ERR timeout\n")
-        self.assertTrue(transport.disconnecting)
+        assert transport.value() == b"ERR timeout\n"
+        assert transport.disconnecting
 
     def test_client_sending_whole_lines_is_not_dropped(self) -> None:
         proto, transport = self.connect()
         step = HealthProtocol.timeOut * 0.9
         for _ in range(5):
             self.clock.advance(step)
-            self.assertEqual(self.exchange(proto, transport, b"HEARTBEAT\n"), b"OK\n")
+            assert self.exchange(proto, transport, b"HEARTBEAT\n") == b"OK\n"
         # Well past timeOut since the connection was made.
-        self.assertGreater(self.clock.seconds(), 4 * HealthProtocol.timeOut)
-        self.assertFalse(transport.disconnecting)
+        assert self.clock.seconds() > 4 * HealthProtocol.timeOut
+        assert not transport.disconnecting
 
     def test_timeout_counts_from_the_last_whole_line(self) -> None:
         proto, transport = self.connect()
@@ -392,65 +376,66 @@ class TimeoutTests(HealthProtocolTestsMixin, SynchronousTestCase):
         self.exchange(proto, transport, b"PING\n")
         transport.clear()
         self.clock.advance(HealthProtocol.timeOut - 1)
-        self.assertFalse(transport.disconnecting)
+        assert not transport.disconnecting
         self.clock.advance(2)
-        self.assertEqual(transport.value(), b"ERR timeout\n")
-        self.assertTrue(transport.disconnecting)
+        assert transport.value() == b"ERR timeout\n"
+        assert transport.disconnecting
 
     def test_invalid_utf8_line_counts_as_a_whole_line(self) -> None:
         proto, transport = self.connect()
         self.clock.advance(HealthProtocol.timeOut - 1)
         self.exchange(proto, transport, b"\xff\n")
         self.clock.advance(HealthProtocol.timeOut - 1)
-        self.assertFalse(transport.disconnecting)
+        assert not transport.disconnecting
 
-    def test_timeout_can_be_overridden_on_the_class(self) -> None:
-        self.patch(HealthProtocol, "timeOut", 2.0)
+    def test_timeout_can_be_overridden_on_the_class(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(HealthProtocol, "timeOut", 2.0)
         proto, transport = self.connect()
         self.clock.advance(2.5)
-        self.assertEqual(transport.value(), b"ERR timeout\n")
+        assert transport.value() == b"ERR timeout\n"
 
     def test_connection_lost_cancels_the_timeout(self) -> None:
         proto, transport = self.connect()
-        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        assert len(self.clock.getDelayedCalls()) == 1
         proto.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        assert self.clock.getDelayedCalls() == []
 
 
-class HalfCloseTests(HealthProtocolTestsMixin, SynchronousTestCase):
+class HalfCloseTests(HealthProtocolTestsMixin):
     """A client that shuts its write side still gets its replies."""
 
     def test_protocol_declares_half_close_support(self) -> None:
         # Without it the transport closes both ways at the client's EOF.
         proto, transport = self.connect()
-        self.assertTrue(IHalfCloseableProtocol.providedBy(proto))
+        assert IHalfCloseableProtocol.providedBy(proto)
 
     def test_half_closed_client_gets_its_replies_then_the_connection_closes(self) -> None:
         proto, transport = self.connect()
         proto.dataReceived(b"PING\nSTATUS\n")
         proto.readConnectionLost()
         lines = transport.value().split(b"\n")
-        self.assertEqual(lines[0], b"PONG hyperdb-mcp 9.8.7")
-        self.assertEqual(json.loads(lines[1]), STATUS)
-        self.assertEqual(lines[2:], [b""])
-        self.assertTrue(transport.disconnecting)
+        assert lines[0] == b"PONG hyperdb-mcp 9.8.7"
+        assert json.loads(lines[1]) == STATUS
+        assert lines[2:] == [b""]
+        assert transport.disconnecting
         # A real transport finishes closing only once the producer is gone.
-        self.assertIsNone(transport.producer)
+        assert transport.producer is None
 
     def test_a_closing_client_that_does_not_read_is_cut_off(self) -> None:
         proto, transport = self.connect()
         proto.dataReceived(b"STATUS\n")
         proto.readConnectionLost()
         self.clock.advance(HealthProtocol.closeGrace - 0.1)
-        self.assertFalse(transport.disconnected)
+        assert not transport.disconnected
         self.clock.advance(0.2)
-        self.assertTrue(transport.disconnected)  # aborted, not waiting to flush
-        self.assertEqual(self.clock.getDelayedCalls(), [])
+        assert transport.disconnected  # aborted, not waiting to flush
+        assert self.clock.getDelayedCalls() == []
 
     def test_write_side_lost_closes_the_connection(self) -> None:
         proto, transport = self.connect()
         proto.writeConnectionLost()
-        self.assertTrue(transport.disconnecting)
+        assert transport.disconnecting
 
     def test_no_timeout_reply_follows_a_half_close(self) -> None:
         proto, transport = self.connect()
@@ -458,34 +443,34 @@ class HalfCloseTests(HealthProtocolTestsMixin, SynchronousTestCase):
         proto.readConnectionLost()
         transport.clear()
         self.clock.advance(HealthProtocol.timeOut + 1)
-        self.assertEqual(transport.value(), b"")
+        assert transport.value() == b""
 
 
-class ReadThrottleTests(HealthProtocolTestsMixin, SynchronousTestCase):
+class ReadThrottleTests(HealthProtocolTestsMixin):
     """A client that does not read its replies stops being read."""
 
     def test_a_streaming_producer_is_registered_on_connect(self) -> None:
         proto, transport = self.connect()
-        self.assertTrue(IPushProducer.providedBy(transport.producer))
-        self.assertTrue(transport.streaming)
+        assert IPushProducer.providedBy(transport.producer)
+        assert transport.streaming
 
     def test_producer_pauses_and_resumes_reading_the_transport(self) -> None:
         proto, transport = self.connect()
         transport.producer.pauseProducing()
-        self.assertEqual(transport.producerState, "paused")
+        assert transport.producerState == "paused"
         transport.producer.resumeProducing()
-        self.assertEqual(transport.producerState, "producing")
+        assert transport.producerState == "producing"
 
 
-class HealthFactoryTests(SynchronousTestCase):
+class HealthFactoryTests:
     def test_build_protocol_makes_a_health_protocol_per_connection(self) -> None:
         factory = HealthFactory(FakeTarget(), FakeAuthorizer(True))
         address = IPv4Address("TCP", "127.0.0.1", 50000)
         first = factory.buildProtocol(address)
         second = factory.buildProtocol(address)
-        self.assertIsInstance(first, HealthProtocol)
-        self.assertIsNot(first, second)
-        self.assertIs(first.factory, factory)
+        assert isinstance(first, HealthProtocol)
+        assert first is not second
+        assert first.factory is factory
 
     def test_factory_protocols_serve_the_factory_target(self) -> None:
         target = FakeTarget()
@@ -495,86 +480,82 @@ class HealthFactoryTests(SynchronousTestCase):
         proto.callLater = clock.callLater
         transport = StringTransport()
         proto.makeConnection(transport)
-        self.addCleanup(proto.connectionLost, Failure(ConnectionDone()))
-        proto.dataReceived(b"STOP\n")
-        self.assertEqual(transport.value(), b"STOPPING\n")
-        self.assertIn("stop", target.calls)
+        try:
+            proto.dataReceived(b"STOP\n")
+            assert transport.value() == b"STOPPING\n"
+            assert "stop" in target.calls
+        finally:
+            proto.connectionLost(Failure(ConnectionDone()))
 
 
-class SessionCommandTests(HealthProtocolTestsMixin, SynchronousTestCase):
+class SessionCommandTests(HealthProtocolTestsMixin):
     """SESSION, READY and BYE; replies that wait keep the order of commands."""
 
     def test_session_answers_ok_with_the_facts(self) -> None:
         proto, transport = self.connect()
         reply = self.exchange(proto, transport, b'SESSION {"pid": 42}\n')
-        self.assertEqual(reply, b'OK {"id":"s1","hyperd_endpoint":"h:1"}\n')
-        self.assertEqual(proto.session_id, "s1")
+        assert reply == b'OK {"id":"s1","hyperd_endpoint":"h:1"}\n'
+        assert proto.session_id == "s1"
 
     def test_session_with_bad_json_or_fields_is_an_error(self) -> None:
         proto, transport = self.connect()
-        self.assertTrue(self.exchange(proto, transport, b"SESSION {nope\n").startswith(b"ERR "))
-        self.assertTrue(self.exchange(proto, transport, b"SESSION [1]\n").startswith(b"ERR "))
-        self.assertEqual(self.exchange(proto, transport, b"SESSION {}\n"),
-                         b"ERR SESSION needs pid\n")
-        self.assertIsNone(proto.session_id)
-        self.assertFalse(transport.disconnecting)
+        assert self.exchange(proto, transport, b"SESSION {nope\n").startswith(b"ERR ")
+        assert self.exchange(proto, transport, b"SESSION [1]\n").startswith(b"ERR ")
+        assert self.exchange(proto, transport, b"SESSION {}\n") == b"ERR SESSION needs pid\n"
+        assert proto.session_id is None
+        assert not transport.disconnecting
 
     def test_one_session_per_connection(self) -> None:
         proto, transport = self.connect()
         self.exchange(proto, transport, b'SESSION {"pid": 1}\n')
-        self.assertTrue(self.exchange(proto, transport, b'SESSION {"pid": 1}\n')
-                        .startswith(b"ERR "))
+        assert self.exchange(proto, transport, b'SESSION {"pid": 1}\n').startswith(b"ERR ")
 
     def test_a_session_connection_has_no_idle_timeout(self) -> None:
         proto, transport = self.connect()
         self.exchange(proto, transport, b'SESSION {"pid": 1}\n')
         self.clock.advance(HealthProtocol.timeOut * 10)
-        self.assertFalse(transport.disconnecting)
+        assert not transport.disconnecting
 
     def test_dropped_session_connection_ends_the_session_uncleanly(self) -> None:
         proto, transport = self.connect()
         self.exchange(proto, transport, b'SESSION {"pid": 1}\n')
         proto.connectionLost(Failure(ConnectionDone()))
-        self.assertIn("end s1 clean=False", self.target.calls)
+        assert "end s1 clean=False" in self.target.calls
 
     def test_bye_ends_the_session_cleanly(self) -> None:
         proto, transport = self.connect()
         self.exchange(proto, transport, b'SESSION {"pid": 1}\n')
-        self.assertEqual(self.exchange(proto, transport, b"BYE\n"), b"OK\n")
-        self.assertIn("end s1 clean=True", self.target.calls)
+        assert self.exchange(proto, transport, b"BYE\n") == b"OK\n"
+        assert "end s1 clean=True" in self.target.calls
         proto.connectionLost(Failure(ConnectionDone()))
-        self.assertEqual([c for c in self.target.calls if c.startswith("end")],
-                         ["end s1 clean=True"])
+        assert [c for c in self.target.calls if c.startswith("end")] == ["end s1 clean=True"]
 
     def test_a_waiting_reply_holds_later_commands_in_order(self) -> None:
         proto, transport = self.connect()
         self.target.ready = Deferred()
-        self.assertEqual(self.exchange(proto, transport, b"READY\nPING\nHEARTBEAT\n"), b"")
+        assert self.exchange(proto, transport, b"READY\nPING\nHEARTBEAT\n") == b""
         transport.clear()
         self.target.ready.callback({"hyperd_endpoint": "h:2"})
-        self.assertEqual(
-            transport.value(),
-            b'OK {"hyperd_endpoint":"h:2"}\nPONG hyperdb-mcp 9.8.7\nOK\n',
-        )
+        assert transport.value() == b'OK {"hyperd_endpoint":"h:2"}\nPONG hyperdb-mcp 9.8.7\nOK\n'
 
     def test_a_connection_times_out_again_after_a_waiting_reply(self) -> None:
         proto, transport = self.connect()
         self.target.ready = Deferred()
         self.exchange(proto, transport, b"READY\n")
         self.clock.advance(HealthProtocol.timeOut * 2)  # no timeout while it waits
-        self.assertFalse(transport.disconnecting)
+        assert not transport.disconnecting
         self.target.ready.callback({"hyperd_endpoint": "h:2"})
         transport.clear()
         self.clock.advance(HealthProtocol.timeOut + 1)
-        self.assertEqual(transport.value(), b"ERR timeout\n")
-        self.assertTrue(transport.disconnecting)
+        assert transport.value() == b"ERR timeout\n"
+        assert transport.disconnecting
 
     def test_a_connection_times_out_again_after_bye(self) -> None:
         proto, transport = self.connect()
         self.exchange(proto, transport, b'SESSION {"pid": 1}\nBYE\n')
         transport.clear()
         self.clock.advance(HealthProtocol.timeOut + 1)
-        self.assertEqual(transport.value(), b"ERR timeout\n")
+        assert transport.value() == b"ERR timeout\n"
 
     def test_a_failed_wait_answers_err(self) -> None:
         proto, transport = self.connect()
@@ -582,21 +563,20 @@ class SessionCommandTests(HealthProtocolTestsMixin, SynchronousTestCase):
         self.exchange(proto, transport, b"READY\n")
         transport.clear()
         self.target.ready.errback(Exception("the daemon is stopping"))
-        self.assertEqual(transport.value(), b"ERR the daemon is stopping\n")
+        assert transport.value() == b"ERR the daemon is stopping\n"
 
     def test_connection_lost_while_session_waits_ends_it(self) -> None:
         proto, transport = self.connect()
         self.target.ready = Deferred()
         self.exchange(proto, transport, b'SESSION {"pid": 1}\n')
         proto.connectionLost(Failure(ConnectionDone()))
-        self.assertIn("end s1 clean=False", self.target.calls)
+        assert "end s1 clean=False" in self.target.calls
         self.target.ready.callback({"hyperd_endpoint": "h:2"})  # must not raise
 
     def test_refused_peer_cannot_open_a_session(self) -> None:
         proto, transport = self.connect(allowed=False)
-        self.assertEqual(self.exchange(proto, transport, b'SESSION {"pid": 1}\n'),
-                         b"ERR forbidden\n")
-        self.assertEqual(self.target.calls, [])
+        assert self.exchange(proto, transport, b'SESSION {"pid": 1}\n') == b"ERR forbidden\n"
+        assert self.target.calls == []
 
 
 class NamingTarget(FakeTarget):
@@ -606,7 +586,7 @@ class NamingTarget(FakeTarget):
         self.calls.append(f"rename {session_id} {name}")
 
 
-class NameCommandTests(HealthProtocolTestsMixin, SynchronousTestCase):
+class NameCommandTests(HealthProtocolTestsMixin):
     """NAME relabels the connection's session; bad input changes nothing."""
 
     def connect(self, allowed: bool = True) -> tuple[HealthProtocol, StringTransport]:
@@ -622,24 +602,21 @@ class NameCommandTests(HealthProtocolTestsMixin, SynchronousTestCase):
     def test_name_relabels_the_connections_session(self) -> None:
         proto, transport = self.connect()
         self.exchange(proto, transport, b'SESSION {"pid": 1, "name": "hyperdb-mcp"}\n')
-        self.assertEqual(self.exchange(proto, transport, b'NAME {"name": "claude-code"}\n'),
-                         b"OK\n")
-        self.assertEqual(self.exchange(proto, transport, 'NAME {"name": "東京 ✓"}\n'.encode()),
-                         b"OK\n")
-        self.assertEqual(self.exchange(proto, transport, b'NAME {"name": null}\n'), b"OK\n")
-        self.assertEqual(self.renames(),
-                         ["rename s1 claude-code", "rename s1 東京 ✓", "rename s1 None"])
+        assert self.exchange(proto, transport, b'NAME {"name": "claude-code"}\n') == b"OK\n"
+        assert self.exchange(proto, transport, 'NAME {"name": "東京 ✓"}\n'.encode()) == b"OK\n"
+        assert self.exchange(proto, transport, b'NAME {"name": null}\n') == b"OK\n"
+        assert self.renames() == ["rename s1 claude-code", "rename s1 東京 ✓", "rename s1 None"]
 
     def test_name_without_a_session_is_an_error(self) -> None:
         proto, transport = self.connect()
-        self.assertEqual(self.exchange(proto, transport, b'NAME {"name": "x"}\n'),
-                         b"ERR NAME needs a session on this connection: send SESSION first\n")
+        assert (self.exchange(proto, transport, b'NAME {"name": "x"}\n')
+                == b"ERR NAME needs a session on this connection: send SESSION first\n")
         self.exchange(proto, transport, b'SESSION {"pid": 1}\n')
         self.exchange(proto, transport, b"BYE\n")
-        self.assertTrue(self.exchange(proto, transport, b'NAME {"name": "x"}\n')
-                        .startswith(b"ERR NAME needs a session"))
-        self.assertEqual(self.renames(), [])
-        self.assertFalse(transport.disconnecting)
+        assert (self.exchange(proto, transport, b'NAME {"name": "x"}\n')
+                .startswith(b"ERR NAME needs a session"))
+        assert self.renames() == []
+        assert not transport.disconnecting
 
     def test_a_name_of_the_wrong_type_or_too_long_is_an_error(self) -> None:
         proto, transport = self.connect()
@@ -647,15 +624,15 @@ class NameCommandTests(HealthProtocolTestsMixin, SynchronousTestCase):
         too_long = json.dumps({"name": "x" * 201}).encode()
         for line in (b'NAME {"name": 42}', b'NAME {"name": ["a"]}', b'NAME {"name": {}}',
                      b"NAME " + too_long):
-            self.assertEqual(self.exchange(proto, transport, line + b"\n"),
-                             b'ERR "name" must be a string of at most 200 characters\n', line)
+            assert (self.exchange(proto, transport, line + b"\n")
+                    == b'ERR "name" must be a string of at most 200 characters\n'), line
         for line in (b"NAME", b"NAME {nope", b'NAME ["x"]', b'NAME {"label": "x"}',
                      b'NAME "x"'):
-            self.assertEqual(self.exchange(proto, transport, line + b"\n"),
-                             b'ERR NAME takes a JSON object with "name"\n', line)
-        self.assertEqual(self.renames(), [])
+            assert (self.exchange(proto, transport, line + b"\n")
+                    == b'ERR NAME takes a JSON object with "name"\n'), line
+        assert self.renames() == []
         # Exactly 200 characters is fine; the connection was usable all along.
-        self.assertEqual(self.exchange(
-            proto, transport, b"NAME " + json.dumps({"name": "y" * 200}).encode() + b"\n"),
-            b"OK\n")
-        self.assertEqual(self.renames(), ["rename s1 " + "y" * 200])
+        assert self.exchange(
+            proto, transport, b"NAME " + json.dumps({"name": "y" * 200}).encode() + b"\n"
+        ) == b"OK\n"
+        assert self.renames() == ["rename s1 " + "y" * 200]
