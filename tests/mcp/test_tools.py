@@ -8,11 +8,9 @@ that wall stands.
 
 from __future__ import annotations
 
-from pathlib import Path
 import psycopg
 import pytest
-from twisted.internet import reactor
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+import pytest_twisted
 
 from hyperdaemon.mcp import tools
 from hyperdaemon.client.session import Session
@@ -21,7 +19,7 @@ from hyperdaemon.mcp.tools import (
     json_value, merge_keys, one_shot_names, parse_hyper_array, plan_batch, shape_result,
     statement_count,
 )
-from support import client_environment
+from support import Clients, noted
 
 #: Statements that only read, some of them full of words that write.
 READ_ONLY = [
@@ -94,31 +92,31 @@ WRITES = [
 ]
 
 
-class ClassifierTests(SynchronousTestCase):
+class ClassifierTests:
     def test_read_only_statements_are_accepted(self) -> None:
         for sql in READ_ONLY:
-            self.assertEqual(check_read_only(sql), ReadOnlyCheck(), sql)
+            assert check_read_only(sql) == ReadOnlyCheck(), sql
 
     def test_every_write_is_refused_and_named(self) -> None:
         for sql, word in [w for w in WRITES if w[1] is not None]:
             check = check_read_only(sql)
-            self.assertTrue(check.parsed, sql)
-            self.assertIsNotNone(check.problem, sql)
-            self.assertIn(word, check.problem, sql)
-            self.assertIn("use execute", check.problem, sql)
+            assert check.parsed, sql
+            assert check.problem is not None, sql
+            assert word in check.problem, sql
+            assert "use execute" in check.problem, sql
 
     def test_a_read_only_statement_among_the_writes_list_is_accepted(self) -> None:
         # The one entry without a word is a control: nested queries are not writes.
         for sql, word in [w for w in WRITES if w[1] is None]:
-            self.assertIsNone(check_read_only(sql).problem, sql)
+            assert check_read_only(sql).problem is None, sql
 
     def test_more_than_one_statement_is_refused(self) -> None:
         for sql in ["SELECT 1; SELECT 2", "SELECT 1; DELETE FROM t",
                     "SELECT E'\\\\'; DELETE FROM t", "SELECT $$;$$; DROP TABLE t",
                     "SHOW x; DELETE FROM t"]:
             problem = check_read_only(sql).problem
-            self.assertIsNotNone(problem, sql)
-            self.assertIn("exactly one statement", problem, sql)
+            assert problem is not None, sql
+            assert "exactly one statement" in problem, sql
 
     def test_a_nested_comment_that_hyper_reads_as_a_delete_is_refused(self) -> None:
         # sqlglot nests /* */ comments; Hyper ends one at the first */ and
@@ -128,44 +126,49 @@ class ClassifierTests(SynchronousTestCase):
                     "SHOW x /* /* */ ; DELETE FROM keep -- */",
                     "EXPLAIN SELECT 1 /* /* */ ; DELETE FROM keep -- */"]:
             problem = check_read_only(sql).problem
-            self.assertIsNotNone(problem, sql)
-            self.assertIn("comment", problem, sql)
+            assert problem is not None, sql
+            assert "comment" in problem, sql
 
     def test_empty_sql_is_refused(self) -> None:
         for sql in ["", "   ", "-- nothing\n", "/* nothing */", ";"]:
             problem = check_read_only(sql).problem
-            self.assertIsNotNone(problem, repr(sql))
-            self.assertIn("no statement", problem)
+            assert problem is not None, repr(sql)
+            assert "no statement" in problem
 
     def test_what_the_parser_cannot_read_is_left_to_hyper(self) -> None:
         for sql in ["SELEC 1", "SELECT FROM WHERE", "SELECT 'unterminated",
                     "ATTACH DATABASE \"/tmp/x.hyper\" AS x"]:
             check = check_read_only(sql)
-            self.assertFalse(check.parsed, sql)
-            self.assertIn("cannot read", check.problem, sql)
+            assert not check.parsed, sql
+            assert "cannot read" in check.problem, sql
 
     def test_a_statement_too_deep_to_check_is_refused(self) -> None:
         check = check_read_only("SELECT " + "(" * 5000 + "1" + ")" * 5000)
-        self.assertIn("nests too deeply", check.problem)
+        assert "nests too deeply" in check.problem
 
     def test_statement_count_splits_only_on_real_semicolons(self) -> None:
-        self.assertEqual(statement_count("SELECT 1"), 1)
-        self.assertEqual(statement_count("SELECT 1;"), 1)
-        self.assertEqual(statement_count("SELECT ';' -- ;\n; SELECT $$;$$"), 2)
-        self.assertEqual(statement_count("SELECT E'\\';' ; DELETE FROM t"), 2)
-        self.assertEqual(statement_count(""), 0)
-        self.assertEqual(statement_count("SELECT 'unterminated"), 1)
+        assert statement_count("SELECT 1") == 1
+        assert statement_count("SELECT 1;") == 1
+        assert statement_count("SELECT ';' -- ;\n; SELECT $$;$$") == 2
+        assert statement_count("SELECT E'\\';' ; DELETE FROM t") == 2
+        assert statement_count("") == 0
+        assert statement_count("SELECT 'unterminated") == 1
 
 
-class PrivateHyperdTestCase(TestCase):
-    """Tests with sessions on a private hyperd, in their own state folder."""
-
-    timeout = 180
+@pytest.mark.deadline(180)
+class PrivateHyperdTestCase:
+    """
+    Tests with sessions on a private hyperd (no daemon), in their own state
+    folder; the sessions, and with them their hyperd, end after the test.
+    """
 
     @pytest.fixture(autouse=True)
-    def _tmp(self, tmp_path: Path) -> None:
-        self.tmp = tmp_path
-        self.state, self.ports, self.env = client_environment(tmp_path)
+    def _clients(self, clients: Clients) -> None:
+        self.clients = clients
+        self.tmp = clients.tmp
+
+    async def open_session(self) -> Session:
+        return await self.clients.open(no_daemon=True)
 
 
 class WallTests(PrivateHyperdTestCase):
@@ -175,70 +178,74 @@ class WallTests(PrivateHyperdTestCase):
     """
 
     async def tools(self) -> Tools:
-        session = await Session.open(reactor, environ=self.env, no_daemon=True)
-        self.addCleanup(session.close)
+        session = await self.open_session()
         await session.execute(["CREATE TABLE persistent.public.keep (x int)",
                                "INSERT INTO persistent.public.keep VALUES (1), (2)"])
         return Tools(session, read_only=True)
 
-    def bypass_the_parser(self) -> None:
-        self.patch(tools, "check_read_only", lambda sql: ReadOnlyCheck())
+    def bypass_the_parser(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.setattr(tools, "check_read_only", lambda sql: ReadOnlyCheck())
 
     async def kept(self, session: Session) -> int:
         return (await session.query("SELECT count(*) FROM persistent.public.keep")).rows[0][0]
 
-    async def test_query_rolls_back_a_delete_the_parser_missed(self) -> None:
+    @pytest_twisted.ensureDeferred
+    async def test_query_rolls_back_a_delete_the_parser_missed(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
         t = await self.tools()
         hidden = ("WITH x AS (SELECT 1 AS y /* /* */ ) DELETE FROM persistent.public.keep "
                   "-- */ ) SELECT * FROM x")
-        with self.assertRaises(ToolFailure):
+        with pytest.raises(ToolFailure):
             await t.query(hidden)  # the parser refuses it
-        self.bypass_the_parser()
+        self.bypass_the_parser(monkeypatch)
         result = await t.query(hidden)
-        self.assertEqual(result["row_count"], 0)  # hyperd ran it: a DELETE, no rows
-        self.assertEqual(await self.kept(t.session), 2)
+        assert result["row_count"] == 0  # hyperd ran it: a DELETE, no rows
+        assert await self.kept(t.session) == 2
         result = await t.query("DELETE FROM persistent.public.keep RETURNING x")
-        self.assertEqual(result["row_count"], 2)
-        self.assertEqual(await self.kept(t.session), 2)
+        assert result["row_count"] == 2
+        assert await self.kept(t.session) == 2
 
-    async def test_query_data_rolls_back_a_delete_the_parser_missed(self) -> None:
+    @pytest_twisted.ensureDeferred
+    async def test_query_data_rolls_back_a_delete_the_parser_missed(
+            self, monkeypatch: pytest.MonkeyPatch) -> None:
         t = await self.tools()
-        self.bypass_the_parser()
+        self.bypass_the_parser(monkeypatch)
         result = await t.query_data("a\n1\n2\n", "DELETE FROM persistent.public.keep RETURNING x")
-        self.assertEqual(result["row_count"], 2)
+        assert result["row_count"] == 2
         result = await t.query_data("a\n1\n2\n", "DELETE FROM data RETURNING a")
-        self.assertEqual(result["row_count"], 2)
-        self.assertEqual(await self.kept(t.session), 2)
+        assert result["row_count"] == 2
+        assert await self.kept(t.session) == 2
 
+    @pytest_twisted.ensureDeferred
     async def test_hyper_reports_a_syntax_error_and_runs_nothing_unchecked(self) -> None:
         t = await self.tools()
-        with self.assertRaises(ToolFailure) as caught:
+        with pytest.raises(ToolFailure) as caught:
             await t.query("SELEC 1")
-        self.assertIn("syntax error", str(caught.exception))
-        self.assertNotIn("read-only", str(caught.exception))
+        assert "syntax error" in str(caught.value)
+        assert "read-only" not in str(caught.value)
         # Hyper can read it, the parser cannot: refused, and not run.
         other = self.tmp / "other.hyper"
         await t.session.execute(f'CREATE DATABASE "{other}"')
-        with self.assertRaises(ToolFailure) as caught:
+        with pytest.raises(ToolFailure) as caught:
             await t.query(f'ATTACH DATABASE "{other}" AS other')
-        self.assertIn("cannot read", str(caught.exception))
-        with self.assertRaises(psycopg.errors.InvalidSchemaName):  # not attached
+        assert "cannot read" in str(caught.value)
+        with pytest.raises(psycopg.errors.InvalidSchemaName):  # not attached
             await t.session.query("SELECT 1 FROM other.pg_catalog.pg_class LIMIT 1")
 
+    @pytest_twisted.ensureDeferred
     async def test_read_only_sql_still_answers(self) -> None:
         t = await self.tools()
-        self.assertEqual((await t.query("SELECT count(*) AS copy FROM persistent.public.keep"))
-                         ["rows"], [[2]])
-        self.assertEqual((await t.query("SELECT x FROM keep ORDER BY x", "persistent"))["rows"],
-                         [[1], [2]])
+        counted = await t.query("SELECT count(*) AS copy FROM persistent.public.keep")
+        assert counted["rows"] == [[2]]
+        assert (await t.query("SELECT x FROM keep ORDER BY x", "persistent"))["rows"] == [[1], [2]]
         explained = await t.query("EXPLAIN SELECT * FROM persistent.public.keep")
-        self.assertEqual(explained["row_count"], 1)
-        self.assertEqual(len((await t.query("SHOW schema_search_path"))["rows"]), 1)
-        self.assertEqual((await t.query_data("a\n1\n2\n", "SELECT sum(a) AS copy FROM data;"))
-                         ["rows"], [[3]])
+        assert explained["row_count"] == 1
+        assert len((await t.query("SHOW schema_search_path"))["rows"]) == 1
+        summed = await t.query_data("a\n1\n2\n", "SELECT sum(a) AS copy FROM data;")
+        assert summed["rows"] == [[3]]
 
 
-class ValueTests(SynchronousTestCase):
+class ValueTests:
     def test_values_json_lacks_become_strings_and_the_rest_stays_exact(self) -> None:
         import datetime
         import decimal
@@ -249,42 +256,41 @@ class ValueTests(SynchronousTestCase):
                   datetime.date(2024, 2, 29), datetime.datetime(2024, 1, 2, 3, 4, 5),
                   datetime.time(10, 11, 12), [1, None, float("nan")]]
         converted = [json_value(v) for v in values]
-        self.assertEqual(converted, [
+        assert converted == [
             None, True, 7, 0.30000000000000004, "NaN", "Infinity", "-Infinity",
             "12345678901234567890.12", "\\x6162", "東京", "2024-02-29", "2024-01-02T03:04:05",
-            "10:11:12", [1, None, "NaN"]])
+            "10:11:12", [1, None, "NaN"]]
         json.dumps(converted, allow_nan=False)  # strict JSON: raises on NaN
 
     def test_text_over_the_cap_is_cut_and_each_cut_cell_listed(self) -> None:
         long, longer = "x" * (CELL_CAP + 1), "y" * (CELL_CAP * 2)
         result = shape_result(["a", "b"], [("short", long), (["z", longer], None)])
-        self.assertEqual(result["rows"], [["short", "x" * CELL_CAP],
-                                          [["z", "y" * CELL_CAP], None]])
-        self.assertEqual(result["cut_cells"], [
+        assert result["rows"] == [["short", "x" * CELL_CAP], [["z", "y" * CELL_CAP], None]]
+        assert result["cut_cells"] == [
             {"row": 0, "column": "b", "length": CELL_CAP + 1},
-            {"row": 1, "column": "a", "length": CELL_CAP * 2}])
-        self.assertIn(f"substring(column FROM {CELL_CAP + 1}", result["cut_note"])
-        self.assertNotIn("cut_cells", shape_result(["a"], [("x" * CELL_CAP,)]))
+            {"row": 1, "column": "a", "length": CELL_CAP * 2}]
+        assert f"substring(column FROM {CELL_CAP + 1}" in result["cut_note"]
+        assert "cut_cells" not in shape_result(["a"], [("x" * CELL_CAP,)])
 
     def test_hypers_array_text_is_read_element_by_element(self) -> None:
-        self.assertEqual(parse_hyper_array("[1,2,3]"), ["1", "2", "3"])
-        self.assertEqual(parse_hyper_array("[]"), [])
-        self.assertEqual(parse_hyper_array(r'["a",NULL,"b \"c\"","NULL","x,y","\\"]'),
-                         ["a", None, 'b "c"', "NULL", "x,y", "\\"])
-        self.assertEqual(parse_hyper_array("[[1,2],[3]]"), [["1", "2"], ["3"]])
+        assert parse_hyper_array("[1,2,3]") == ["1", "2", "3"]
+        assert parse_hyper_array("[]") == []
+        assert (parse_hyper_array(r'["a",NULL,"b \"c\"","NULL","x,y","\\"]')
+                == ["a", None, 'b "c"', "NULL", "x,y", "\\"])
+        assert parse_hyper_array("[[1,2],[3]]") == [["1", "2"], ["3"]]
         for bad in ["", "{1,2}", "[1,2", '["a]', "[1,,2]", "[1]x"]:
-            with self.assertRaises(ValueError, msg=bad):
+            with noted(repr(bad)), pytest.raises(ValueError):
                 parse_hyper_array(bad)
 
 
-class BatchPlanTests(SynchronousTestCase):
+class BatchPlanTests:
     def test_creates_then_changes_to_rows_make_a_batch(self) -> None:
         plan = plan_batch(["CREATE TABLE a (x int)", "CREATE TEMPORARY TABLE b AS SELECT 1",
                            "CREATE TABLE IF NOT EXISTS persistent.public.c (x int)",
                            "INSERT INTO a VALUES (1)", "UPDATE a SET x = 2", "DELETE FROM a",
                            "TRUNCATE a", "COPY a FROM '/tmp/a.csv' WITH (FORMAT csv)",
                            "SELECT * FROM a"])
-        self.assertEqual(plan.creates, ["a", "pg_temp.b", "persistent.public.c"])
+        assert plan.creates == ["a", "pg_temp.b", "persistent.public.c"]
 
     def test_what_rollback_cannot_undo_runs_only_alone(self) -> None:
         for statement, word in [("DROP TABLE a", "DROP"),
@@ -294,60 +300,57 @@ class BatchPlanTests(SynchronousTestCase):
                                 ("SELECT * INTO b FROM a", "SELECT ... INTO"),
                                 ("SET schema_search_path = 'x'", "SET"),
                                 ("VACUUM", "VACUUM")]:
-            self.assertEqual(batch_role(statement)[0], "other", statement)
-            self.assertEqual(plan_batch([statement]).creates, [])
-            with self.assertRaises(ToolFailure) as caught:
+            assert batch_role(statement)[0] == "other", statement
+            assert plan_batch([statement]).creates == []
+            with pytest.raises(ToolFailure) as caught:
                 plan_batch(["INSERT INTO a VALUES (1)", statement])
-            self.assertIn(f"sql item 2 ({word}", str(caught.exception))
-            self.assertIn("own execute call", str(caught.exception))
+            assert f"sql item 2 ({word}" in str(caught.value)
+            assert "own execute call" in str(caught.value)
 
     def test_a_create_after_a_change_to_rows_is_refused(self) -> None:
-        with self.assertRaises(ToolFailure) as caught:
+        with pytest.raises(ToolFailure) as caught:
             plan_batch(["CREATE TABLE a (x int)", "INSERT INTO a VALUES (1)",
                         "CREATE TABLE b (x int)"])
-        self.assertIn("sql item 3 (CREATE TABLE) comes after item 2", str(caught.exception))
+        assert "sql item 3 (CREATE TABLE) comes after item 2" in str(caught.value)
 
     def test_empty_and_doubled_items_are_refused(self) -> None:
         for statements, needle in [([], "the list is empty"), (["  "], "holds no statement"),
                                    (["SELECT 1; SELECT 2"], "holds 2 statements"),
                                    (["INSERT INTO a VALUES (1)", "-- nothing"],
                                     "sql item 2 holds no statement")]:
-            with self.assertRaises(ToolFailure) as caught:
+            with pytest.raises(ToolFailure) as caught:
                 plan_batch(statements)
-            self.assertIn(needle, str(caught.exception))
+            assert needle in str(caught.value)
 
 
-class OneShotNameTests(SynchronousTestCase):
+class OneShotNameTests:
     def test_the_names_the_sql_uses_are_made_as_hyper_looks_them_up(self) -> None:
         names = ("Orders", "data")
-        self.assertEqual(one_shot_names("SELECT * FROM orders", names), ["orders"])
-        self.assertEqual(one_shot_names("SELECT * FROM ORDERS", names), ["orders"])
-        self.assertEqual(one_shot_names('SELECT * FROM "Orders"', names), ["Orders"])
-        self.assertEqual(one_shot_names("SELECT * FROM data", names), ["data"])
-        self.assertEqual(
-            one_shot_names("SELECT * FROM orders o JOIN data d USING (id)", names),
-            ["orders", "data"])
+        assert one_shot_names("SELECT * FROM orders", names) == ["orders"]
+        assert one_shot_names("SELECT * FROM ORDERS", names) == ["orders"]
+        assert one_shot_names('SELECT * FROM "Orders"', names) == ["Orders"]
+        assert one_shot_names("SELECT * FROM data", names) == ["data"]
+        assert (one_shot_names("SELECT * FROM orders o JOIN data d USING (id)", names)
+                == ["orders", "data"])
         # A name in another database is not the one-shot table: none is named,
         # so every name is made.
-        self.assertEqual(one_shot_names("SELECT * FROM persistent.public.data", names),
-                         ["orders", "data"])
+        assert one_shot_names("SELECT * FROM persistent.public.data", names) == ["orders", "data"]
         # EXPLAIN is not parsed into tables: every name is made.
-        self.assertEqual(one_shot_names("EXPLAIN SELECT * FROM orders", names),
-                         ["orders", "data"])
-        self.assertEqual(one_shot_names("SELECT 1", ("my file",)), ["my file"])
+        assert one_shot_names("EXPLAIN SELECT * FROM orders", names) == ["orders", "data"]
+        assert one_shot_names("SELECT 1", ("my file",)) == ["my file"]
 
 
-class OptionTests(SynchronousTestCase):
+class OptionTests:
     def test_export_options_become_copys_and_unknown_ones_are_refused(self) -> None:
-        self.assertEqual(copy_options("csv", None), "FORMAT csv, HEADER true")
-        self.assertEqual(copy_options("csv", {"delimiter": ";", "header": False, "null": "NA",
-                                              "quote": "'"}),
-                         "FORMAT csv, HEADER false, DELIMITER ';', QUOTE '''', NULL 'NA'")
-        self.assertEqual(copy_options("csv", '{"delimiter": "\\t"}'),
-                         "FORMAT csv, HEADER true, DELIMITER '\t'")
-        self.assertEqual(copy_options("parquet", {"codec": "ZSTD", "rows_per_row_group": 5}),
-                         "FORMAT parquet, CODEC 'zstd', ROWS_PER_ROW_GROUP 5")
-        self.assertEqual(copy_options("hyper", {}), "")
+        assert copy_options("csv", None) == "FORMAT csv, HEADER true"
+        assert (copy_options("csv", {"delimiter": ";", "header": False, "null": "NA",
+                                     "quote": "'"})
+                == "FORMAT csv, HEADER false, DELIMITER ';', QUOTE '''', NULL 'NA'")
+        assert (copy_options("csv", '{"delimiter": "\\t"}')
+                == "FORMAT csv, HEADER true, DELIMITER '\t'")
+        assert (copy_options("parquet", {"codec": "ZSTD", "rows_per_row_group": 5})
+                == "FORMAT parquet, CODEC 'zstd', ROWS_PER_ROW_GROUP 5")
+        assert copy_options("hyper", {}) == ""
         for fmt, options, needle in [
             ("csv", {"codec": "zstd"}, "format 'csv' has no option 'codec'"),
             ("hyper", {"header": True}, "it takes none"),
@@ -359,56 +362,55 @@ class OptionTests(SynchronousTestCase):
             ("csv", "[1]", "give an object"),
             ("csv", "{nope", "not a JSON object"),
         ]:
-            with self.assertRaises(ToolFailure) as caught:
+            with pytest.raises(ToolFailure) as caught:
                 copy_options(fmt, options)
-            self.assertTrue(str(caught.exception).startswith("format_options: "))
-            self.assertIn(needle, str(caught.exception))
+            assert str(caught.value).startswith("format_options: ")
+            assert needle in str(caught.value)
 
     def test_merge_key_goes_with_mode_merge_only(self) -> None:
-        self.assertEqual(merge_keys("merge", "id"), ["id"])
-        self.assertEqual(merge_keys("merge", ["day", "city", "day"]), ["day", "city"])
-        self.assertEqual(merge_keys("replace", None), [])
+        assert merge_keys("merge", "id") == ["id"]
+        assert merge_keys("merge", ["day", "city", "day"]) == ["day", "city"]
+        assert merge_keys("replace", None) == []
         for mode, key, needle in [("merge", None, "needs the column(s)"),
                                   ("merge", [], "needs the column(s)"),
                                   ("merge", ["id", 3], "needs the column(s)"),
                                   ("append", "id", "only with mode='merge'")]:
-            with self.assertRaises(ToolFailure) as caught:
+            with pytest.raises(ToolFailure) as caught:
                 merge_keys(mode, key)
-            self.assertIn(needle, str(caught.exception))
+            assert needle in str(caught.value)
 
 
 class ReplaceTests(PrivateHyperdTestCase):
     """A replacing load never loses the old table, whatever fails in between."""
 
+    @pytest_twisted.ensureDeferred
     async def test_a_failed_rename_puts_the_old_table_back(self) -> None:
-        session = await Session.open(reactor, environ=self.env, no_daemon=True)
-        self.addCleanup(session.close)
+        session = await self.open_session()
         await session.execute(["CREATE TABLE keep (x int)", "INSERT INTO keep VALUES (1), (2)"])
         final = tools.table_reference("keep", "local")
 
         def replace_from_a_staging_table_that_is_gone(conn: psycopg.Connection) -> None:
             tools._rename_over(conn, '"local".public."gone"', final, "keep")
 
-        with self.assertRaises(psycopg.errors.UndefinedTable):
+        with pytest.raises(psycopg.errors.UndefinedTable):
             await session.call(replace_from_a_staging_table_that_is_gone)
-        self.assertEqual((await session.query("SELECT x FROM keep ORDER BY x")).rows,
-                         [(1,), (2,)])
+        assert (await session.query("SELECT x FROM keep ORDER BY x")).rows == [(1,), (2,)]
         names = [r[0] for r in (await session.query(
             "SELECT c.relname FROM local.pg_catalog.pg_class c JOIN local.pg_catalog.pg_namespace"
             " n ON c.relnamespace = n.oid WHERE n.nspname = 'public'")).rows]
-        self.assertEqual(names, ["keep"])
+        assert names == ["keep"]
 
+    @pytest_twisted.ensureDeferred
     async def test_a_replace_leaves_only_the_new_table(self) -> None:
-        session = await Session.open(reactor, environ=self.env, no_daemon=True)
-        self.addCleanup(session.close)
+        session = await self.open_session()
         for statement in ("CREATE TABLE keep (x int)", "INSERT INTO keep VALUES (1)",
                           "CREATE TABLE staged (x int)", "INSERT INTO staged VALUES (7)"):
             await session.execute(statement)
         await session.call(lambda conn: tools._rename_over(
             conn, tools.table_reference("staged", "local"),
             tools.table_reference("keep", "local"), "keep"))
-        self.assertEqual((await session.query("SELECT x FROM keep")).rows, [(7,)])
+        assert (await session.query("SELECT x FROM keep")).rows == [(7,)]
         names = [r[0] for r in (await session.query(
             "SELECT c.relname FROM local.pg_catalog.pg_class c JOIN local.pg_catalog.pg_namespace"
             " n ON c.relnamespace = n.oid WHERE n.nspname = 'public'")).rows]
-        self.assertEqual(names, ["keep"])
+        assert names == ["keep"]
