@@ -1158,9 +1158,9 @@ class Session:
         dropped = False
         if self._pool.started:
             connection = self._connection
-            if self._pool.working and connection is not None:
+            if connection is not None:
                 # A long statement would hold the drop (and the exit) up.
-                await deferToThread(_cancel, connection)
+                await self._cancel_until_idle(connection)
             try:
                 dropped = await self._in_worker(self._drop_ephemeral)
             except Exception as e:
@@ -1170,6 +1170,20 @@ class Session:
             await deferToThread(self._pool.stop)
         if dropped or not self._source.cleans_up_after_us():
             await deferToThread(shutil.rmtree, self.ephemeral_db.parent, True)
+
+    async def _cancel_until_idle(self, connection: Any) -> None:
+        """
+        Cancel the statements that run or wait on C{connection} until the
+        worker is free.  A cancel that reaches C{hyperd} before the statement
+        it is meant for does nothing: it is sent again until one lands.
+        """
+        from twisted.internet.task import deferLater
+
+        deadline = self._reactor.seconds() + CANCEL_PATIENCE
+        while ((self._pool.working or self._pool.q.qsize())
+               and self._reactor.seconds() < deadline):
+            await deferToThread(_cancel, connection)
+            await deferLater(self._reactor, CANCEL_AGAIN_AFTER, lambda: None)
 
     def _drop_ephemeral(self) -> bool:
         """Let go of every database, then drop ours; whether it is gone."""
@@ -1188,6 +1202,12 @@ class Session:
             return True
         finally:
             connection.close()
+
+
+#: How long a closing session keeps cancelling what runs on its connection,
+#: and how often it sends a cancel again while something still runs.
+CANCEL_PATIENCE = 10.0
+CANCEL_AGAIN_AFTER = 0.1
 
 
 def _cancel(connection: Any) -> None:

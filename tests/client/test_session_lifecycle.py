@@ -57,6 +57,20 @@ class EndingTests:
         assert clients.daemon_status()["sessions"] == []
 
     @pytest_twisted.ensureDeferred
+    async def test_close_with_a_long_statement_waiting_behind_another_is_prompt(
+            self, clients: Clients) -> None:
+        # The long statement reaches hyperd only after the close began: a
+        # single cancel, sent when the close begins, would find the short one
+        # (or nothing) and the close would wait for the long one to end.
+        session = await clients.open(name="busy")
+        for sql in ("SELECT 1", LONG_QUERY):
+            session.query(sql).addErrback(lambda _: None)
+        begun = reactor.seconds()
+        await session.close()
+        assert reactor.seconds() - begun < QUICK
+        assert not session.ephemeral_db.parent.exists()
+
+    @pytest_twisted.ensureDeferred
     async def test_close_during_a_long_statement_is_prompt_and_leaves_nothing(
             self, clients: Clients) -> None:
         session = await clients.open(name="busy")
