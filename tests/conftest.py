@@ -26,7 +26,6 @@ import inspect
 import os
 import signal
 import subprocess
-import unittest
 import uuid
 from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterator
@@ -54,14 +53,12 @@ def pytest_configure(config: pytest.Config) -> None:
         "deadline(seconds): an asynchronous test fails if it is still running after this "
         f"many seconds (default {ASYNC_TEST_TIMEOUT:g})",
     )
-    _run_trial_cases_on_the_session_reactor()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Bound every asynchronous test in time (it can wait for a reactor event forever)."""
     for item in items:
-        if (isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj)
-                and not (item.cls and issubclass(item.cls, unittest.TestCase))):
+        if isinstance(item, pytest.Function) and inspect.iscoroutinefunction(item.obj):
             marker = item.get_closest_marker("deadline")
             seconds = float(marker.args[0]) if marker else ASYNC_TEST_TIMEOUT
             item.obj = _bounded(item.obj, seconds, item.name)
@@ -177,25 +174,6 @@ def tmpfs() -> Iterator[Callable[[Path, str], None]]:
     yield mount
     for path in reversed(mounted):
         subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def _run_trial_cases_on_the_session_reactor() -> None:
-    """
-    Let trial's asynchronous C{TestCase}s that are not moved to pytest-twisted
-    yet (tests/test_tools.py, tests/test_tools_infer.py) run on the session's
-    reactor: trial would run and crash a reactor of its own, which cannot be
-    done to a running one.  They wait through pytest-twisted instead, and
-    L{clean_reactor} checks them in place of trial's janitor.
-    """
-    from twisted.trial import util
-    from twisted.trial.unittest import TestCase
-
-    def wait(self: TestCase, d: defer.Deferred[Any], running: object = None) -> None:
-        pytest_twisted.blockon(d)
-
-    TestCase._wait = wait  # type: ignore[method-assign]
-    util._Janitor.postCaseCleanup = lambda self: True  # type: ignore[method-assign]
-    util._Janitor.postClassCleanup = lambda self: None  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session", autouse=True)
