@@ -295,10 +295,13 @@ class DaemonLink:
     """
 
     def __init__(self, reactor: Any, finder: Finder, name: str | None,
-                 heartbeat_interval: float = HEARTBEAT_INTERVAL) -> None:
+                 heartbeat_interval: float = HEARTBEAT_INTERVAL,
+                 pid: int | None = None) -> None:
         self._reactor = reactor
         self._finder = finder
         self._name = name
+        #: The process whose death ends the session (see L{Session.open}).
+        self._pid = os.getpid() if pid is None else pid
         self.sessions_root = finder.state_dir / SESSIONS_NAME
         self._ephemeral: Path | None = None
         self._protocol: _SessionProtocol | None = None
@@ -445,7 +448,7 @@ class DaemonLink:
             except OSError as e:
                 _log.warn("cannot make {folder}: {error}", folder=str(ephemeral.parent),
                           error=e.strerror)
-        fields = {"pid": os.getpid(), "name": self._name,
+        fields = {"pid": self._pid, "name": self._name,
                   "ephemeral_db": str(ephemeral) if ephemeral else None,
                   "release": True}
 
@@ -716,6 +719,7 @@ class Session:
         port: str | int | None = None,
         environ: dict[str, str] | None = None,
         finder: Finder | None = None,
+        pid: int | None = None,
     ) -> defer.Deferred["Session"]:
         """
         Open a session: find or start the daemon (or, with C{no_daemon}, a
@@ -725,6 +729,10 @@ class Session:
         Settings come from C{environ} (default C{os.environ}) as for the
         daemon: C{HYPERDB_STATE_DIR}, C{HYPERDB_DAEMON_PORT},
         C{HYPERDB_PERSISTENT_DB}...; C{finder} replaces the default one.
+        C{pid} is the process the session belongs to (default this one): its
+        folder is named after it, and the daemon drops the session's
+        database if that process dies (an MCP host opens sessions for its
+        launchers).
 
         @return: a Deferred firing with the ready L{Session}, or failing
             with L{SessionError} / L{hyperdaemon.client.finder.DaemonUnavailable}.
@@ -735,7 +743,7 @@ class Session:
             reactor = global_reactor
         try:
             return cls._start(reactor, name, persistent_db, ephemeral_only, no_daemon,
-                              state_dir, port, environ, finder)
+                              state_dir, port, environ, finder, pid)
         except Exception:
             return defer.fail()
 
@@ -743,7 +751,8 @@ class Session:
     def _start(cls, reactor: Any, name: str | None,
                persistent_db: str | os.PathLike[str] | None, ephemeral_only: bool,
                no_daemon: bool, state_dir: str | None, port: str | int | None,
-               environ: dict[str, str] | None, finder: Finder | None) -> defer.Deferred["Session"]:
+               environ: dict[str, str] | None, finder: Finder | None,
+               pid: int | None = None) -> defer.Deferred["Session"]:
         environ = dict(os.environ if environ is None else environ)
         if finder is None:
             finder = Finder.from_environment(state_dir, port, environ)
@@ -751,26 +760,27 @@ class Session:
         if no_daemon:
             source = PrivateHyperd(reactor, finder.state_dir, environ)
         else:
-            source = DaemonLink(reactor, finder, name)
+            source = DaemonLink(reactor, finder, name, pid=pid)
         persistent: Path | None = None
         if not ephemeral_only:
             persistent = (Path(os.path.abspath(os.path.expanduser(persistent_db)))
                           if persistent_db else default_persistent_db(environ))
-        return defer.ensureDeferred(cls._open(reactor, source, persistent))
+        return defer.ensureDeferred(cls._open(reactor, source, persistent,
+                                              os.getpid() if pid is None else pid))
 
     @classmethod
     async def _open(cls, reactor: Any, source: HyperdSource,
-                    persistent: Path | None) -> "Session":
+                    persistent: Path | None, pid: int) -> "Session":
         from hyperdaemon.discovery import StateDirError, prepare_state_dir
 
         root = source.sessions_root
         prepare_state_dir(root.parent)
         if persistent is not None:
             check_persistent_db(persistent)
-        # A private folder, made exclusively, named for our pid so that a
-        # daemon can tell when its owner is gone.
+        # A private folder, made exclusively, named for its owner's pid so
+        # that a daemon can tell when its owner is gone.
         try:
-            folder = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=root))
+            folder = Path(tempfile.mkdtemp(prefix=f"{pid}-", dir=root))
         except OSError as e:
             raise StateDirError(
                 f"Cannot create this session's folder in {root}: {e.strerror}; free or fix "
