@@ -22,7 +22,7 @@ from hyperdaemon.mcp.memory import (MAX_ENTRIES, MAX_NAME, MAX_VALUE_BYTES, chec
                                     check_name, check_value, memory_lock_path, read_value_file)
 from hyperdaemon.mcp.tools import ToolFailure
 from mcp_support import McpTestCase, ToolCallError
-from support import Clients
+from support import QUICK, Clients, pid_alive, status, wait_for
 
 #: The store the concurrency test fills, and how many entries it holds.
 QUEUE = "jobs"
@@ -307,6 +307,46 @@ class SharedStoreTests(MemoryTestCase):
         self.assertEqual(len(taken), POPPERS)
         for popped in taken:
             self.assertEqual(popped, sorted(popped))  # each took the lowest key left
+
+    def test_a_persistent_write_is_on_disk_when_the_tool_returns(self) -> None:
+        async def go() -> None:
+            async with self.server() as s:
+                await self.call(s, "kv_set", store="s", key="k", value='"kept"', persist=True)
+                await self.call(s, "kv_set_many", store="s", persist=True,
+                                entries=[{"key": "a", "value": "1"}, {"key": "b", "value": "2"}])
+                await self.call(s, "kv_pop", store="s", persist=True)
+                # Nothing graceful: hyperd's memory is lost, the file is what remains.
+                before = status(self.ports[0])["hyperd_pid"]
+                os.kill(before, 9)
+                wait_for(lambda: not pid_alive(before), QUICK, "hyperd to die")
+                wait_for(lambda: status(self.ports[0]).get("hyperd_pid") not in (None, before),
+                         QUICK, "a new hyperd")
+                listed = await self.call(s, "kv_list", store="s", values=True, persist=True)
+                self.assertEqual(listed["entries"], [{"key": "b", "value": "2"},
+                                                     {"key": "k", "value": '"kept"'}])
+
+        self.drive(go())
+
+    def test_a_store_in_an_attached_database_is_kept_in_its_file(self) -> None:
+        path = self.tmp / "notes.hyper"
+
+        async def go() -> None:
+            async with self.server() as s:
+                await self.call(s, "attach_database", alias="notes", kind="local_file",
+                                path=str(path), on_missing="create")
+                await self.call(s, "kv_set", store="s", key="k", value="[1]", database="notes")
+                await self.call(s, "detach_database", alias="notes")
+            async with self.server() as s:
+                await self.call(s, "attach_database", alias="other", kind="local_file",
+                                path=str(path))
+                self.assertEqual((await self.call(s, "kv_get", store="s", key="k",
+                                                  database="other"))["value"], "[1]")
+                self.assertEqual((await self.call(s, "kv_get", store="s", key="k"))["found"],
+                                 False)
+            # Its writers met on a lock beside it.
+            self.assertTrue((self.tmp / ".notes.hyper.memory.lock").exists())
+
+        self.drive(go())
 
     def test_read_only_keeps_the_user_s_databases_and_leaves_the_scratch_store(self) -> None:
         async def go() -> None:
