@@ -886,6 +886,8 @@ class Session:
                         "hyperd went away during the statement, which may not have completed; "
                         "the session has reconnected: check, then run it again if needed"
                     ) from None
+                _log.warn("a call was cut off by the broken connection: running it again",
+                          session=self)
                 self._attach_shared()
                 result = work(self._connection)
         except BaseException:
@@ -1009,8 +1011,19 @@ class Session:
                                 error=f.getErrorMessage()))
 
     def _report_and_reconnect(self) -> None:
+        before = self.credentials
         blockingCallFromThread(self._reactor, self._report_error)
         self._connect()
+        after = self.credentials
+        endpoint = f"{after.host}:{after.port}" if after is not None else "?"
+        # session=: whose warning it is, for a process serving several.
+        if (before is not None and after is not None
+                and (before.host, before.port) != (after.host, after.port)):
+            _log.warn("hyperd was replaced: the session reconnected to the new one at "
+                      "{endpoint}", endpoint=endpoint, session=self)
+        else:
+            _log.warn("the connection to hyperd broke: the session reconnected to {endpoint}",
+                      endpoint=endpoint, session=self)
 
     def _fresh_credentials(self) -> defer.Deferred[Credentials]:
         d = self._source.credentials()
