@@ -105,7 +105,12 @@ def check_value(parameter: str, text: str) -> int:
 
     @raise ToolFailure: for text too large or not JSON.
     """
-    size = len(text.encode("utf-8", "surrogatepass"))
+    try:
+        size = len(text.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise ToolFailure(f"{parameter}: the value holds half of a UTF-16 pair (a \\ud800 to "
+                          f"\\udfff escape alone), which is not text; write the character "
+                          f"itself, or both halves of its pair") from None
     if size > MAX_VALUE_BYTES:
         raise ToolFailure(f"{parameter}: the value is {size:,} bytes, more than the "
                           f"{MAX_VALUE_BYTES:,} a value may hold; store a smaller value, or "

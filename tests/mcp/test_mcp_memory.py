@@ -58,6 +58,8 @@ def test_a_value_is_one_json_document_of_at_most_64_mib() -> None:
     assert not_json.startswith("value: the value is not JSON (line 1, column 1")
     assert '"like this"' in not_json
     assert "line 1, column 5" in refusal(lambda: check_value("value", "[1,2"))
+    assert refusal(lambda: check_value("value", '"\ud800"')).startswith(
+        "value: the value holds half of a UTF-16 pair")
     too_big = '"' + "x" * (MAX_VALUE_BYTES - 1) + '"'
     assert refusal(lambda: check_value("value", too_big)).startswith(
         f"value: the value is {MAX_VALUE_BYTES + 1:,} bytes, more than the "
