@@ -60,7 +60,9 @@ The key-value scratchpad (the kv_* tools) keeps its entries in a table of the
 database each call names: `local` by default (this session's scratch database,
 gone when the session ends), `persistent` (or persist=true) to keep them and
 share them with the user's other assistants, or an attached database's alias.
-Each database has its own table; a store in one is not seen from another.
+Each database has its own table, made by its first write; a store in one is
+not seen from another.  With --read-only, the `local` store still takes writes
+(it is private to the session); `persistent` and attached databases do not.
 
   _hyperdb_kv_store (
       store_name TEXT,   -- the `store` argument of the kv_* tools

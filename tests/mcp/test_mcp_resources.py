@@ -206,3 +206,57 @@ class ResourceChangeTests(ResourceTestCase):
         updated = [m.params.uri for m in received
                    if getattr(m, "method", None) == "notifications/resources/updated"]
         self.assertEqual(updated, ["hyper://tables"])
+
+
+class SavedQueryResourceTests(ResourceTestCase):
+    def test_a_saved_querys_result_reflects_a_table_loaded_after_it_was_saved(self) -> None:
+        from mcp.shared.exceptions import MCPError
+
+        async def go() -> tuple[Any, ...]:
+            async with self.watched() as (session, received, _):
+                await self.call(session, "save_query", name="big",
+                                sql="SELECT city FROM later WHERE population > 200000 "
+                                    "ORDER BY city",
+                                description="the big cities")
+                saved_announced = "notifications/resources/list_changed" in _methods(received)
+                try:
+                    await session.read_resource("hyper://queries/big/result")
+                except MCPError as e:
+                    before = str(e)
+                else:
+                    before = "no error"
+                await self.call(session, "load_file", table="later", path=str(self.csv))
+                after = await self.read_json(session, "hyper://queries/big/result")
+                definition = await self.read_json(session, "hyper://queries/big/definition")
+                listed = [r.uri for r in (await session.list_resources()).resources]
+                readme = await self.read_text(session, "hyper://readme")
+                return saved_announced, before, after, definition, listed, readme
+
+        saved_announced, before, after, definition, listed, readme = self.drive(go())
+        self.assertTrue(saved_announced)
+        self.assertIn("'big'", before)
+        self.assertIn("later", before)
+        self.assertEqual(after["columns"], ["city"])
+        self.assertEqual(after["rows"], [["Lyon"], ["Nice"]])
+        self.assertEqual(after["name"], "big")
+        self.assertEqual(definition["sql"], "SELECT city FROM later WHERE population > 200000 "
+                                            "ORDER BY city")
+        self.assertEqual(definition["description"], "the big cities")
+        self.assertIn("hyper://queries/big/result", listed)
+        self.assertIn("hyper://queries/big/definition", listed)
+        self.assertIn("`big`: the big cities", readme)
+
+    def test_an_unknown_saved_query_is_a_clear_error(self) -> None:
+        from mcp.shared.exceptions import MCPError
+
+        async def go() -> str:
+            async with self.server() as session:
+                try:
+                    await session.read_resource("hyper://queries/nope/definition")
+                except MCPError as e:
+                    return str(e)
+                return "no error"
+
+        message = self.drive(go())
+        self.assertIn("no saved query 'nope'", message)
+        self.assertIn("save_query", message)
