@@ -185,11 +185,18 @@ class DirectoryWatch:
             log.info("watching {folder} by polling ({why})", folder=str(self.folder), why=e)
             from twisted.internet.task import LoopingCall
 
-            self._poll = LoopingCall(self._sweep)
+            self._poll = LoopingCall(self._poll_once)
             self._poll.clock = self.reactor
             self._poll.start(self.poll_interval, now=False)
             return
         self._notifier = notifier
+
+    def _poll_once(self) -> defer.Deferred[Any]:
+        """One listing of the polled folder; its errors are logged, never raised."""
+        d = defer.maybeDeferred(self._sweep)
+        d.addErrback(lambda failure: log.failure("watch of {folder}: a listing failed",
+                                                 failure=failure, folder=str(self.folder)))
+        return d
 
     def _notified(self, ignored: Any, path: Any, mask: int) -> None:
         from twisted.internet import inotify

@@ -487,3 +487,64 @@ def test_max_concurrent_is_a_whole_number_from_1_to_32() -> None:
     for bad in (0, -1, 33, True, 2.5, "4"):
         with pytest.raises(ToolFailure, match="max_concurrent"):
             watch.concurrency(bad)
+
+
+async def test_a_sentinel_moved_into_the_folder_counts_as_made(
+        tmp_path: Path, watches: Any) -> None:
+    folder, elsewhere = tmp_path / "in", tmp_path / "elsewhere"
+    folder.mkdir()
+    elsewhere.mkdir()
+    loads = FakeLoads()
+    await watches(folder, loads).start()
+    write_rows(folder / "a.csv", 1)
+    (elsewhere / "a.csv.ready").touch()
+    os.rename(elsewhere / "a.csv.ready", folder / "a.csv.ready")
+    assert await loads.called.get() == folder / "a.csv"
+
+
+async def test_at_most_max_concurrent_files_load_at_once(tmp_path: Path) -> None:
+    from twisted.internet import reactor
+
+    loads = FakeLoads()
+    w = watch.DirectoryWatch(reactor, tmp_path, "t", "local", 2, loads)
+    for name in ("a.csv", "b.csv", "c.csv"):
+        drop(tmp_path, name, rows=1)
+    sweep = w.start()
+    try:
+        for _ in range(2):
+            await loads.called.get()
+        assert [p.name for p, _ in loads.calls] == ["a.csv", "b.csv"]
+        loads.calls[0][1].callback({"rows_loaded": 1})
+        assert (await loads.called.get()).name == "c.csv"
+        for _, d in loads.calls[1:]:
+            d.callback({"rows_loaded": 1})
+        assert await sweep == {"files_ingested": 3, "files_failed": 0}
+    finally:
+        await w.stop()
+
+
+def test_without_inotify_the_folder_is_listed_every_poll_interval(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from twisted.internet import inotify
+    from twisted.internet.task import Clock
+
+    def unavailable(*args: Any) -> Any:
+        raise inotify.INotifyError("no inotify here")
+
+    monkeypatch.setattr(inotify, "INotify", unavailable)
+    clock = Clock()
+    loaded: list[str] = []
+    w = watch.DirectoryWatch(clock, tmp_path, "t", "local", 4,
+                             lambda path: loaded.append(path.name) or {"rows_loaded": 1})
+    w.start()
+    drop(tmp_path, "a.csv", rows=1)
+    clock.advance(w.poll_interval - 0.1)
+    assert loaded == []
+    clock.advance(0.1)
+    assert loaded == ["a.csv"]
+    assert os.listdir(tmp_path) == []
+    w.stop()
+    drop(tmp_path, "b.csv", rows=1)
+    clock.advance(w.poll_interval * 3)
+    assert loaded == ["a.csv"]
+    assert clock.getDelayedCalls() == []
