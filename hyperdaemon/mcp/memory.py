@@ -658,9 +658,17 @@ def register(kit: Any) -> None:
     from typing import Annotated
 
     from mcp.types import CallToolResult
-    from pydantic import Field
+    from pydantic import Field, WrapValidator
 
     memory = Memory(kit.tools)
+
+    def Text(description: str) -> Any:  # noqa: N802 (reads as a type)
+        # Typed as str, not str | None, so that the SDK hands over JSON text
+        # as given instead of parsing it first; null still means "not given".
+        keep_null = WrapValidator(lambda value, handler: None if value is None
+                                  else handler(value))
+        return Annotated[str, Field(description=description), keep_null]
+
     tool, Arg, call = kit.tool, kit.arg, kit.call  # noqa: N806 (Arg reads as a type)
     Result = kit.Result  # noqa: N806
     write = kit.hints(read_only=False, destructive=True, idempotent=True)
@@ -781,7 +789,7 @@ def register(kit: Any) -> None:
 
     @tool("Remember a value", write)
     async def kv_set(store: Store, key: Key,
-                     value: Arg(str, VALUE) = None,
+                     value: Text(VALUE) = None,
                      value_path: Arg(str | None, VALUE_PATH) = None,
                      overwrite: Arg(bool | None, OVERWRITE) = None,
                      database: Database = None,
@@ -861,7 +869,7 @@ def register(kit: Any) -> None:
 
     @tool("Save a query", kit.hints(read_only=False, destructive=False, idempotent=True))
     async def save_query(name: Arg(str, QUERY_NAME), sql: Arg(str, QUERY_SQL),
-                         description: Arg(str, QUERY_DESCRIPTION) = None
+                         description: Text(QUERY_DESCRIPTION) = None
                          ) -> Annotated[CallToolResult, Saved]:
         """
         Keep a read-only query under a name, for every assistant of this user

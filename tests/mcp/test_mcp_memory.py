@@ -139,7 +139,9 @@ class ScratchStoreTests(MemoryTestCase):
                 kept = await c("kv_set", store="notes", key="a", value="3", overwrite=False)
                 self.assertEqual((kept["stored"], kept["created"], kept["existed"]),
                                  (False, False, True))
-                await c("kv_set", store="notes", key="c", value_path=str(value_file))
+                # null stands for a parameter left out, as upstream takes it.
+                await c("kv_set", store="notes", key="c", value=None,
+                        value_path=str(value_file))
                 self.assertEqual(await c("kv_get", store="notes", key="a"),
                                  {"found": True, "value": "2", "resolved_database": "local"})
                 self.assertEqual(await c("kv_get", store="notes", key="c"),
@@ -412,7 +414,9 @@ class SavedQueryTests(MemoryTestCase):
                                  {"deleted": True, "name": "big_cities"})
                 self.assertEqual(await self.call(one, "delete_query", name="big_cities"),
                                  {"deleted": False, "name": "big_cities"})
-                await self.call(one, "save_query", name="big_cities", sql="SELECT 2")
+                again = await self.call(one, "save_query", name="big_cities", sql="SELECT 2",
+                                        description=None)
+                self.assertTrue(again["saved"])
 
         self.drive(go())
 
