@@ -237,9 +237,14 @@ def plotted(columns: list[str], rows: list[tuple[Any, ...]], options: ChartOptio
                               f"{', '.join(map(repr, columns))}); give one of those, or rename "
                               f"a column in the SQL with AS")
         where[parameter] = columns.index(name)
+    kind = options.chart_type
+    if not any(row[where["x"]] is not None
+               and (kind == "histogram" or row[where["y"]] is not None) for row in rows):
+        why = " (each has a NULL x or y)" if rows else ""
+        raise ToolFailure(f"sql: the query gives {len(rows)} row(s) and none to plot{why}; "
+                          f"check its WHERE clause, or the columns given as x and y")
     xs = [row[where["x"]] for row in rows]
     x_kind = value_kind(xs)
-    kind = options.chart_type
     if kind == "histogram" and x_kind != "number":
         raise ToolFailure(f"x: a histogram counts numbers, and column {options.x!r} holds "
                           f"{'dates or times' if x_kind == 'time' else 'text'}; cast it in the "
@@ -286,6 +291,10 @@ def plotted(columns: list[str], rows: list[tuple[Any, ...]], options: ChartOptio
                 continue
         name = _label(row[where["series"]]) if "series" in where else None
         series.setdefault(name, []).append((x, y))
+    if not series:
+        raise ToolFailure(f"sql: the query gives {len(rows)} row(s) and none with finite "
+                          f"values to plot; check its WHERE clause, or the columns given as x "
+                          f"and y")
     if options.log:
         low = min((y for points in series.values() for _, y in points), default=1.0)
         if low <= 0:

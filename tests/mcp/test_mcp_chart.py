@@ -237,6 +237,14 @@ def test_nulls_are_left_out_and_counted_and_a_line_follows_x() -> None:
     assert (plot.rows_plotted, plot.rows_skipped) == (3, 2)
 
 
+def test_rows_with_nothing_to_plot_are_an_error_naming_sql() -> None:
+    for rows, kind in (([], "line"), ([(None, 1.0), (2, None)], "line"), ([], "histogram"),
+                       ([(None, 1.0)], "histogram")):
+        with pytest.raises(ToolFailure, match=r"^sql: the query gives \d row\(s\) and none"):
+            chart.plotted(["x", "y"], rows, options(chart_type=kind,
+                                                    y=None if kind == "histogram" else "y"))
+
+
 def test_bars_of_the_same_x_and_series_are_added_up() -> None:
     rows = [("a", 1, "s"), ("b", 2, "s"), ("a", 3, "s"), ("a", 4, "t")]
     plot = chart.plotted(["x", "y", "g"], rows, options(chart_type="bar", series="g"))
