@@ -17,7 +17,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import measures
+from . import filetools, measures
 from .load import raise_fd_limit
 from .procs import Reaper
 from .report import figures, summarize, table
@@ -25,9 +25,9 @@ from .targets import Ours, Target, Theirs
 
 DEFAULT_PEER = "HYPERDB_PEER_DIR"
 FULL = {"pings": 200, "idle_s": 10.0, "sessions": 8, "load": 1000, "load_pings": 200,
-        "load_csv_rows": 150_000, "load_json_rows": 20_000}
+        "load_csv_rows": 150_000, "load_json_rows": 20_000, "file_rows": 1_500_000}
 QUICK = {"pings": 20, "idle_s": 2.0, "sessions": 2, "load": 50, "load_pings": 20,
-         "load_csv_rows": 10_000, "load_json_rows": 1_000}
+         "load_csv_rows": 10_000, "load_json_rows": 1_000, "file_rows": 20_000}
 ALL_MEASURES = set(range(1, 10))
 
 
@@ -180,6 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             measures.memory(reaper, targets, rec, sizes["sessions"])
         if 9 in which:
             measures.inline_loads(reaper, targets, rec, sizes)
+            filetools.file_tools(reaper, targets, rec, sizes)
     except KeyboardInterrupt:
         interrupted = True
     finally:

@@ -100,6 +100,8 @@ def figures(sizes: dict[str, Any]) -> list[Figure]:
         Figure("load_json_s", 9, f"load_data, {s['load_json_rows']:,} inline JSON rows", "s",
                Goal("ratio_le", 1.0)),
         Figure("load_peak_rss_mb", 9, "MCP server's peak RSS after both loads", "MB"),
+        Figure("inspect_file_s", 9, f"inspect_file, {s['file_rows']:,}-row CSV file", "s"),
+        Figure("load_files_s", 9, f"load_files, {s['file_rows']:,} CSV rows in 4 files", "s"),
     ]
 
 

@@ -591,6 +591,31 @@ class Loaded:
     rows: int
 
 
+@attrs.frozen
+class Inferred:
+    """A source's columns, their types as a load would choose them, and its rows as SQL."""
+
+    columns: list[str]
+    types: list[str]
+    notes: list[str]
+    #: The rows as text columns, to put after FROM (L{rows_sql}).
+    rows: str
+    #: When the types are the first rows' guess, unchecked: the columns
+    #: (by index) whose types were given, which are not guarded.
+    guarded: dict[int, str] | None = None
+
+    def select(self) -> str:
+        """SQL for the rows converted to their types, with the columns' names."""
+        def one(index: int, column: str, kind: str) -> str:
+            guarded = self.guarded is not None and index not in self.guarded
+            convert = guarded_sql if guarded else converted_sql
+            return f"{convert(quote_identifier(column), kind)} AS {quote_identifier(column)}"
+
+        converted = ", ".join(one(i, c, t)
+                              for i, (c, t) in enumerate(zip(self.columns, self.types)))
+        return f"SELECT {converted} FROM {self.rows}"
+
+
 def rows_sql(parts: list[Part], columns: list[str]) -> str:
     """
     SQL for the rows of staged C{parts} as text columns (null where a part
@@ -657,6 +682,29 @@ class Loader:
             target = self._create(create, columns, types, given)
             count, more = self._fill(conn, create, target, columns, types, given, rows)
             return Loaded(columns, types, notes + more, count)
+
+    @contextlib.contextmanager
+    def inferred(self, conn: Any, guess: bool = False) -> Iterator[Inferred]:
+        """
+        The source staged, with the types a load would give its columns
+        (every row checked, as L{load} does when the first rows do not
+        tell), for the block; nothing is loaded (inspect_file).  With
+        C{guess}, and if the first rows gave every column a type, those
+        types unchecked: L{Inferred.select} then fails (C{DataError}) on a
+        value that does not fit, as L{load}'s first pass does.
+
+        @raise ToolFailure: as L{load}.
+        """
+        with self.source.staged(self.folder, self._stop) as staged:
+            given = schema_types(staged.columns, self.schema)
+            rows = rows_sql(staged.parts, staged.columns)
+            self._stop()
+            if guess and all(i in given or g is not None for i, g in enumerate(staged.guess)):
+                types = [given.get(i) or str(g) for i, g in enumerate(staged.guess)]
+                yield Inferred(staged.columns, types, [], rows, guarded=given)
+                return
+            types, notes = self._infer(conn, staged, given, rows)
+            yield Inferred(staged.columns, types, notes, rows)
 
     def _insert(self, conn: Any, target: str, columns: list[str], types: list[str], rows: str,
                 guarded: dict[int, str] | None = None) -> int:
@@ -789,3 +837,186 @@ class Loader:
 
 def _shortened(text: str, limit: int = 60) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+# -- files that hyperd reads itself: Parquet, Arrow IPC --------------------------
+#
+# hyperd reads Parquet with its schema.  It reads Arrow IPC files (FORMAT
+# arrowfile) and streams (arrowstream) too, but cannot infer their schema,
+# reads no compressed record batch, and lacks some types (large and view
+# strings, dictionaries, nanoseconds, 64-bit unsigned integers, nested types).
+# pyarrow, imported only when an Arrow file is read, gives the schema; a file
+# that hyperd cannot read as it is gets rewritten as an uncompressed stream of
+# types it reads, one record batch at a time, in the session's folder.
+
+#: The extensions of Arrow IPC files (Feather 2 is the Arrow IPC file format).
+ARROW_EXTENSIONS = ("arrow", "feather", "ipc")
+
+
+def arrow_column(kind: Any) -> tuple[Any, str]:
+    """
+    For an Arrow type: the Arrow type that hyperd reads it as (C{kind}
+    itself, or one to convert it to) and the SQL type of the column.  Types
+    with no counterpart (lists, structs, maps, durations, ...) become JSON
+    text.  Pure.
+    """
+    import pyarrow as pa
+
+    t = pa.types
+    if t.is_dictionary(kind):
+        return arrow_column(kind.value_type)
+    simple = [(t.is_boolean, "BOOLEAN"), (t.is_int8, "SMALLINT"), (t.is_int16, "SMALLINT"),
+              (t.is_int32, "INTEGER"), (t.is_int64, "BIGINT"), (t.is_float32, "REAL"),
+              (t.is_float64, "DOUBLE PRECISION"), (t.is_string, "TEXT"),
+              (t.is_binary, "BYTEA"), (t.is_date32, "DATE")]
+    for test, sql in simple:
+        if test(kind):
+            return kind, sql
+    converted = [(t.is_uint8, pa.int16(), "SMALLINT"), (t.is_uint16, pa.int32(), "INTEGER"),
+                 (t.is_uint32, pa.int64(), "BIGINT"),
+                 (t.is_uint64, pa.decimal128(20, 0), "NUMERIC(20,0)"),
+                 (t.is_float16, pa.float32(), "REAL"),
+                 (t.is_large_string, pa.string(), "TEXT"),
+                 (t.is_large_binary, pa.binary(), "BYTEA"),
+                 (t.is_fixed_size_binary, pa.binary(), "BYTEA"),
+                 (t.is_date64, pa.date32(), "DATE"),
+                 (t.is_time, pa.time64("us"), "TIME")]
+    for test, target, sql in converted:
+        if test(kind):
+            return target, sql
+    if t.is_string_view(kind):
+        return pa.string(), "TEXT"
+    if t.is_binary_view(kind):
+        return pa.binary(), "BYTEA"
+    if t.is_timestamp(kind):
+        target = kind if kind.unit != "ns" else pa.timestamp("us", kind.tz)
+        return target, "TIMESTAMPTZ" if kind.tz else "TIMESTAMP"
+    if t.is_decimal128(kind) and kind.precision <= 38:
+        return kind, f"NUMERIC({kind.precision},{kind.scale})"
+    return pa.string(), "TEXT"
+
+
+def _arrow_reader(path: Path) -> tuple[Any, str]:
+    """
+    An open reader of the Arrow IPC file or stream at C{path}, and hyperd's
+    name for its format (C{arrowfile} or C{arrowstream}).
+
+    @raise ToolFailure: for a file that is neither.
+    """
+    import pyarrow as pa
+
+    source = pa.memory_map(str(path))
+    try:
+        return pa.ipc.open_file(source), "arrowfile"
+    except (pa.ArrowInvalid, OSError):
+        source.seek(0)
+    try:
+        return pa.ipc.open_stream(source), "arrowstream"
+    except (pa.ArrowInvalid, OSError):
+        source.close()
+        raise ToolFailure(f"path: {path} is not an Arrow IPC file or stream (Feather 1 files "
+                          f"are not read either); give an Arrow IPC file (.arrow, .feather, "
+                          f".ipc), or convert the data to Parquet or CSV") from None
+
+
+def _arrow_batches(reader: Any) -> Iterator[Any]:
+    if hasattr(reader, "num_record_batches"):
+        for index in range(reader.num_record_batches):
+            yield reader.get_batch(index)
+    else:
+        yield from reader
+
+
+def _as_json_text(column: Any) -> Any:
+    """Values of a type hyperd does not read (a list, a struct...), as JSON text."""
+    import pyarrow as pa
+
+    return pa.array([None if v is None else json.dumps(v, ensure_ascii=False, default=str)
+                     for v in column.to_pylist()], pa.string())
+
+
+def _converted_batch(batch: Any, schema: Any) -> Any:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    columns = []
+    for column, field in zip(batch.columns, schema):
+        if pa.types.is_dictionary(column.type):
+            column = column.dictionary_decode()
+        if column.type != field.type:
+            if pa.types.is_string(field.type) and not (
+                    pa.types.is_large_string(column.type) or pa.types.is_string_view(column.type)):
+                column = _as_json_text(column)
+            else:
+                # Unsafe only where precision goes: nanoseconds to microseconds.
+                column = pc.cast(column, field.type, safe=not (
+                    pa.types.is_timestamp(column.type) or pa.types.is_time(column.type)))
+        columns.append(column)
+    return pa.RecordBatch.from_arrays(columns, schema=schema)
+
+
+@contextlib.contextmanager
+def file_rows(conn: Any, path: Path, fmt: str, folder: Path,
+              stopping: threading.Event | None = None) -> Iterator[str]:
+    """
+    C{hyperd}'s table function that reads the Parquet or Arrow IPC file at
+    C{path} (C{fmt}: C{parquet} or C{arrow}), to put after FROM, for the
+    block.  An Arrow file that hyperd cannot read as it is (compressed, or
+    of types it lacks) is rewritten first, one record batch at a time, as an
+    uncompressed Arrow stream in C{folder} (removed after).  Converted
+    values: nanoseconds are cut to microseconds, unsigned 64-bit integers
+    become NUMERIC(20,0), nested values JSON text.
+
+    @raise ToolFailure: for an Arrow file that cannot be read, or a stop.
+    """
+    import psycopg
+
+    if fmt != "arrow":
+        yield f"external({quote_literal(str(path))})"
+        return
+    import pyarrow as pa
+
+    reader, kind = _arrow_reader(path)
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(getattr(reader, "close", lambda: None))
+        schema = reader.schema
+        names = schema.names
+        doubled = sorted({n for n in names if names.count(n) > 1 or not n})
+        if doubled or not names:
+            raise ToolFailure(f"path: {path} has columns without a name, or with the same "
+                              f"name ({', '.join(map(repr, doubled))}); give each column its own "
+                              f"name")
+        targets = [arrow_column(field.type) for field in schema]
+        described = ", ".join(f"{quote_identifier(n)} {sql}"
+                              for n, (_, sql) in zip(names, targets))
+        readable = all(target == field.type for field, (target, _) in zip(schema, targets))
+
+        def external(file: Path, format: str) -> str:
+            return (f"external({quote_literal(str(file))}, FORMAT => {quote_literal(format)}, "
+                    f"COLUMNS => DESCRIPTOR({described}))")
+
+        if readable:
+            direct = external(path, kind)
+            try:
+                # The first batch tells whether hyperd reads them (compression).
+                conn.execute(f"SELECT * FROM {direct} LIMIT 1").fetchall()
+            except psycopg.Error:
+                pass
+            else:
+                yield direct
+                return
+        target = pa.schema([pa.field(n, t) for n, (t, _) in zip(names, targets)])
+        fd, name = tempfile.mkstemp(prefix="load-", suffix=".arrows", dir=folder)
+        os.close(fd)
+        copy = Path(name)
+        cleanup.callback(lambda: copy.unlink(missing_ok=True))
+        try:
+            with pa.OSFile(name, "wb") as out, pa.ipc.new_stream(out, target) as writer:
+                for batch in _arrow_batches(reader):
+                    if stopping is not None and stopping.is_set():
+                        raise ToolFailure("the load was stopped: the server is shutting down")
+                    writer.write_batch(_converted_batch(batch, target))
+        except (pa.ArrowException, ValueError) as e:
+            raise ToolFailure(f"path: {path} cannot be read as Arrow IPC ({e}); check that "
+                              f"the file is complete, or convert it to Parquet") from None
+        yield external(copy, "arrowstream")
