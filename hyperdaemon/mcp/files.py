@@ -483,7 +483,7 @@ def register(kit: Any) -> None:
         json_extract_path: str | None = Field(None, description=server.JSON_EXTRACT_PATH)
         merge_key: str | list[str] | None = Field(
             None, description="The column, or list of columns, that identifies a row when "
-                              "mode=merge: required with merge, unused otherwise.")
+                              "mode=merge: required with merge, unused otherwise. Default: none.")
 
     class FileLoaded(kit.Result):
         table: str | None = None

@@ -874,7 +874,9 @@ def arrow_column(kind: Any) -> tuple[Any, str]:
             return kind, sql
     converted = [(t.is_uint8, pa.int16(), "SMALLINT"), (t.is_uint16, pa.int32(), "INTEGER"),
                  (t.is_uint32, pa.int64(), "BIGINT"),
-                 (t.is_uint64, pa.decimal128(20, 0), "NUMERIC(20,0)"),
+                 # Hyper's databases keep no 128-bit NUMERIC: a value past
+                 # BIGINT's range is an error (L{_converted_batch}).
+                 (t.is_uint64, pa.int64(), "BIGINT"),
                  (t.is_float16, pa.float32(), "REAL"),
                  (t.is_large_string, pa.string(), "TEXT"),
                  (t.is_large_binary, pa.binary(), "BYTEA"),
@@ -949,8 +951,15 @@ def _converted_batch(batch: Any, schema: Any) -> Any:
                 column = _as_json_text(column)
             else:
                 # Unsafe only where precision goes: nanoseconds to microseconds.
-                column = pc.cast(column, field.type, safe=not (
-                    pa.types.is_timestamp(column.type) or pa.types.is_time(column.type)))
+                try:
+                    column = pc.cast(column, field.type, safe=not (
+                        pa.types.is_timestamp(column.type) or pa.types.is_time(column.type)))
+                except pa.ArrowInvalid:
+                    raise ToolFailure(
+                        f"path: column {field.name!r} holds a value past what Hyper can store "
+                        f"as {field.type} (an unsigned 64-bit integer above "
+                        f"{2**63 - 1:,}, say); convert that column to text or a floating-point "
+                        f"type before loading, or use another file") from None
         columns.append(column)
     return pa.RecordBatch.from_arrays(columns, schema=schema)
 
@@ -965,7 +974,7 @@ def file_rows(conn: Any, path: Path, fmt: str, folder: Path,
     of types it lacks) is rewritten first, one record batch at a time, as an
     uncompressed Arrow stream in C{folder} (removed after).  Converted
     values: nanoseconds are cut to microseconds, unsigned 64-bit integers
-    become NUMERIC(20,0), nested values JSON text.
+    become BIGINT (one past its range is an error), nested values JSON text.
 
     @raise ToolFailure: for an Arrow file that cannot be read, or a stop.
     """

@@ -306,6 +306,46 @@ class ArrowTests(FilesTestCase):
         self.assertEqual(back.column("day").cast(pa.date32()).to_pylist(),
                          table.column("day").to_pylist())
 
+    def test_arrow_types_that_hyperd_lacks_are_converted_on_the_way(self) -> None:
+        import datetime
+
+        import pyarrow as pa
+        import pyarrow.feather as feather
+
+        table = pa.table({
+            "big": pa.array([2**63 - 1, None], pa.uint64()),
+            "at": pa.array([1_700_000_000_123_456_789, None], pa.timestamp("ns")),
+            "tags": pa.array([[1, 2], None], pa.list_(pa.int64())),
+            "point": pa.array([{"x": 1, "y": "a"}, None],
+                              pa.struct([("x", pa.int64()), ("y", pa.string())])),
+            "label": pa.array(["é", None], pa.string_view()),
+            "day": pa.array([datetime.date(2024, 2, 29), None], pa.date64()),
+        })
+        path = self.tmp / "odd.arrow"
+        feather.write_feather(table, path, compression="uncompressed")
+        too_big = self.tmp / "too_big.arrow"
+        feather.write_feather(pa.table({"big": pa.array([2**64 - 1], pa.uint64())}), too_big)
+
+        async def go() -> None:
+            async with self.server() as s:
+                c = lambda tool, **kw: self.call(s, tool, **kw)  # noqa: E731
+                seen = await c("inspect_file", path=str(path))
+                self.assertEqual(seen["schema"], {
+                    "big": "BIGINT", "at": "TIMESTAMP", "tags": "TEXT", "point": "TEXT",
+                    "label": "TEXT", "day": "DATE"})
+                await c("load_file", table="odd", path=str(path))
+                rows = await c("query", sql="SELECT big, at, tags, point, label, day FROM odd "
+                                            "ORDER BY big")
+                self.assertEqual(rows["rows"], [
+                    [2**63 - 1, "2023-11-14T22:13:20.123456", "[1, 2]",
+                     '{"x": 1, "y": "a"}', "é", "2024-02-29"],
+                    [None, None, None, None, None, None]])
+                await self.refused(s, "load_file", ["path:", "'big'", "convert that column"],
+                                   table="too_big", path=str(too_big))
+                self.assertNotIn("too_big", await self.tables(s))
+
+        self.drive(go())
+
     def test_the_server_starts_without_importing_pyarrow(self) -> None:
         import subprocess
         import sys
@@ -515,7 +555,7 @@ def test_arrow_types_map_to_what_hyperd_reads() -> None:
                  pa.string_view(): (pa.string(), "TEXT"),
                  pa.dictionary(pa.int8(), pa.string()): (pa.string(), "TEXT"),
                  pa.timestamp("ns"): (pa.timestamp("us"), "TIMESTAMP"),
-                 pa.uint64(): (pa.decimal128(20, 0), "NUMERIC(20,0)"),
+                 pa.uint64(): (pa.int64(), "BIGINT"),
                  pa.date64(): (pa.date32(), "DATE"),
                  pa.list_(pa.int64()): (pa.string(), "TEXT")}
     for kind, expected in converted.items():
