@@ -172,6 +172,7 @@ class DirectoryWatch:
 
     def _notify(self) -> None:
         """Be told of each file made in the folder: inotify, or a slow poll."""
+        notifier = None
         try:
             from twisted.internet import inotify
             from twisted.python.filepath import FilePath
@@ -181,7 +182,9 @@ class DirectoryWatch:
             notifier.watch(FilePath(os.fsencode(self.folder)),
                            mask=inotify.IN_CREATE | inotify.IN_MOVED_TO,
                            callbacks=[self._notified])
-        except Exception as e:  # not Linux, or no inotify: list the folder instead
+        except Exception as e:  # not Linux, no inotify, or no watch left: poll
+            if notifier is not None:
+                notifier.loseConnection()
             log.info("watching {folder} by polling ({why})", folder=str(self.folder), why=e)
             from twisted.internet.task import LoopingCall
 
