@@ -520,6 +520,9 @@ class Tools:
         self._status_facts = status_facts or (lambda: {})
         #: Set when the server shuts down: loads under way stop.
         self._stopping = threading.Event()
+        #: Who the session serves ("name version" of the MCP client), once
+        #: known: the table catalog's created_by (L{hyperdaemon.mcp.catalog}).
+        self.client: str | None = None
 
     # helpers
 
@@ -614,14 +617,22 @@ class Tools:
         db = self._database(database)
 
         def work(conn: Any) -> dict[str, Any]:
+            from hyperdaemon.mcp import catalog
+
             if table is None:
-                return {"database": db, "tables": _tables(conn, db)}
+                tables = _tables(conn, db)
+                catalog.annotate(conn, db, tables)
+                return {"database": db, "tables": tables}
             reference = _table_to_read(conn, table, db)
             cursor = conn.execute(f"SELECT * FROM {reference} LIMIT 0")
             count = conn.execute(f"SELECT count(*) FROM {reference}").fetchone()[0]
-            return {"database": db, "table": table, "row_count": count,
-                    "columns": [{"name": c.name, "type": _type_name(conn, c.type_code)}
-                                for c in cursor.description]}
+            described = {"database": db, "table": table, "row_count": count,
+                         "columns": [{"name": c.name, "type": _type_name(conn, c.type_code)}
+                                     for c in cursor.description]}
+            entry = catalog.entry_of(conn, db, table)
+            if entry is not None:
+                described["catalog"] = entry
+            return described
 
         return self._call(work, retry=True, writes=False, parameter="table")
 
@@ -660,7 +671,9 @@ class Tools:
         mode = _mode(mode, merge=False)
         db = self._database(database, persist)
         return self._load(table, db, self._inline_loader(data, format, schema), mode,
-                          source="inline data")
+                          source="inline data",
+                          record=("load_data", {"format": format, "mode": mode,
+                                                "schema": schema, "database": db}))
 
     def load_file(self, table: str, path: str, mode: str | None = None,
                   schema: dict[str, str] | None = None, json_extract_path: str | None = None,
@@ -678,10 +691,14 @@ class Tools:
         db = self._database(database, persist)
         source = _readable(path)
         fmt = file_format(source, format)
+        record = ("load_file", {"path": str(source), "mode": mode, "schema": schema,
+                                "json_extract_path": json_extract_path,
+                                "merge_key": keys or None, "database": db})
         if fmt == "parquet":
-            return self._load_parquet(table, db, source, mode, keys)
+            return self._load_parquet(table, db, source, mode, keys, record=record)
         loader = self._file_loader(source, fmt, schema, json_extract_path)
-        return self._load(table, db, loader, mode, source=str(source), keys=keys)
+        return self._load(table, db, loader, mode, source=str(source), keys=keys,
+                          record=record)
 
     def stop(self) -> None:
         """
@@ -708,7 +725,9 @@ class Tools:
                       self.session.ephemeral_db.parent, self._stopping)
 
     def _load_parquet(self, table: str, db: str, source: Path, mode: str,
-                      keys: list[str]) -> defer.Deferred[dict[str, Any]]:
+                      keys: list[str],
+                      record: tuple[str, dict[str, Any]] | None = None
+                      ) -> defer.Deferred[dict[str, Any]]:
         final = table_reference(table, db)
 
         def work(conn: Any) -> dict[str, Any]:
@@ -722,13 +741,16 @@ class Tools:
                 raise
             return {"table": table, "database": db, **result, "source": str(source)}
 
-        return self._call(work, writes={db}, parameter=None)
+        return self._call(self._recorded(work, record), writes={db}, parameter=None)
 
     def _load(self, table: str, db: str, loader: Any, mode: str, source: str,
-              keys: list[str] | None = None) -> defer.Deferred[dict[str, Any]]:
+              keys: list[str] | None = None,
+              record: tuple[str, dict[str, Any]] | None = None
+              ) -> defer.Deferred[dict[str, Any]]:
         """
         Load into a staging table, then swap it in: a failed load leaves no
-        partial table (Hyper's DDL is not undone by ROLLBACK).
+        partial table (Hyper's DDL is not undone by ROLLBACK).  C{record}:
+        the tool and parameters that the table catalog records.
         """
         final = table_reference(table, db)
 
@@ -752,7 +774,16 @@ class Tools:
                 result["notes"] = notes
             return result
 
-        return self._call(work, writes={db}, parameter=None)
+        return self._call(self._recorded(work, record), writes={db}, parameter=None)
+
+    def _recorded(self, work: Callable[[Any], dict[str, Any]],
+                  record: tuple[str, dict[str, Any]] | None) -> Callable[[Any], Any]:
+        """A load's C{work}, then the table catalog's record of it (if C{record})."""
+        if record is None:
+            return work
+        from hyperdaemon.mcp.catalog import recorded
+
+        return recorded(work, *record, self.client)
 
     # one-shot analysis
 
@@ -911,6 +942,10 @@ class Tools:
             raise ToolFailure("sql, table: give exactly one of them: sql for the rows of a "
                               "query, table for a whole table")
         fmt = format.lower() if isinstance(format, str) else format
+        if fmt == "iceberg":  # a folder, written in place (L{hyperdaemon.mcp.catalog})
+            from hyperdaemon.mcp.catalog import export_iceberg
+
+            return export_iceberg(self, path, sql, table, overwrite, format_options, database)
         if fmt not in ("csv", "parquet", "hyper"):
             raise ToolFailure(f"format: {format!r} is not one of csv, parquet, hyper; give one "
                               f"of those")
@@ -1485,14 +1520,16 @@ def _table_to_read(conn: Any, table: str, db: str) -> str:
 
 
 def _table_names(conn: Any, db: str) -> list[str]:
-    """The tables of C{db}'s public schema, by name."""
+    """The tables of C{db}'s public schema, by name (the table catalog's left out)."""
+    from hyperdaemon.mcp.catalog import CATALOG_TABLE
+
     prefix = quote_identifier(db)
     rows = conn.execute(
         f"SELECT c.relname FROM {prefix}.pg_catalog.pg_class c "
         f"JOIN {prefix}.pg_catalog.pg_namespace n ON c.relnamespace = n.oid "
         f"WHERE n.nspname = 'public' AND c.relkind = 'r' ORDER BY c.relname"
     ).fetchall()
-    return [name for (name,) in rows]
+    return [name for (name,) in rows if name != CATALOG_TABLE]
 
 
 # -- export options ----------------------------------------------------------------
