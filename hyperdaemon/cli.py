@@ -19,19 +19,16 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Sequence
 
-from hyperdaemon import __version__, config
-from hyperdaemon.client.healthclient import (
-    DaemonError,
-    PortProbe,
-    PortState,
-    connect_own,
-    locate,
-    status as fetch_status,
-    wait_pid_gone,
-    wait_port_free,
-)
+from hyperdaemon import __version__
+
+if TYPE_CHECKING:
+    from hyperdaemon.client.healthclient import PortProbe
+
+# Without a subcommand this is the launcher, whose start must import only
+# the standard library (hyperdaemon.mcp.launcher): the daemon's commands
+# import what they need themselves.
 
 PROG = "hyperdb-mcp"
 NO_DAEMON = "No daemon is currently running."
@@ -150,9 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     options = vars(args)
     if args.command != "daemon":
-        from hyperdaemon.mcp.server import run
+        from hyperdaemon.mcp.launcher import launch
 
-        return run(options)
+        return launch(options)
     action = options.get("action")
     if action == "status":
         return daemon_status(options)
@@ -172,6 +169,9 @@ def _locate(options: dict[str, Any]) -> tuple[int | None, Path | None, int]:
     asked for, and an exit code for errors.  Ports held by other users are
     skipped with a note on stderr; a pinned one is an error.
     """
+    from hyperdaemon import config
+    from hyperdaemon.client.healthclient import PortState, locate
+
     try:
         choice = config.port_choice(options.get("port"), os.environ)
         state = config.state_dir(options.get("state_dir"), os.environ)
@@ -251,6 +251,19 @@ def describe(facts: dict[str, Any]) -> str:
         row("state dir", facts["state_dir"])
     if facts.get("log_dir"):
         row("logs", facts["log_dir"])
+    host = facts.get("mcp_host")
+    if isinstance(host, dict) and (host.get("pid") or host.get("state") == "failed"):
+        served = host.get("sessions") if isinstance(host.get("sessions"), list) else []
+        rss = host.get("rss_kb")
+        row("mcp host", f"pid {host.get('pid')} ({host.get('state')}), {len(served)} sessions"
+            + (f", RSS {rss / 1024:.0f} MB" if isinstance(rss, (int, float)) else "")
+            + (f", {host['restarts']} restarts" if host.get("restarts") else ""))
+        for s in served:
+            if isinstance(s, dict):
+                name = f" {s['name']}" if s.get("name") else ""
+                mode = " read-only" if s.get("read_only") else ""
+                lines.append(f"    launcher pid {s.get('pid')}{name}{mode} "
+                             f"ephemeral {s.get('ephemeral_db')}")
     sessions = facts.get("sessions")
     if isinstance(sessions, list):
         row("sessions", len(sessions))
@@ -270,6 +283,8 @@ def describe(facts: dict[str, Any]) -> str:
 
 
 def daemon_status(options: dict[str, Any]) -> int:
+    from hyperdaemon.client.healthclient import DaemonError, status as fetch_status
+
     port, state, code = _locate(options)
     if code:
         return code
@@ -290,6 +305,14 @@ def daemon_status(options: dict[str, Any]) -> int:
 
 
 def daemon_stop(options: dict[str, Any]) -> int:
+    from hyperdaemon.client.healthclient import (
+        DaemonError,
+        connect_own,
+        status as fetch_status,
+        wait_pid_gone,
+        wait_port_free,
+    )
+
     port, state, code = _locate(options)
     if code:
         return code

@@ -68,6 +68,9 @@ class HealthTarget(Protocol):
     def rename_session(self, session_id: str, name: str | None) -> None:
         """The session's client gave it a new label (C{NAME})."""
 
+    def start_mcp_host(self) -> Deferred[dict[str, Any]]:
+        """The MCP host's facts (C{pid}, C{socket}) once it is ready (C{MCP_HOST})."""
+
 
 #: The longest label a session may carry (C{SESSION}'s and C{NAME}'s C{name}).
 MAX_SESSION_NAME = 200
@@ -342,6 +345,15 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         self._target.rename_session(self.session_id, name)
         return "OK"
 
+    def cmd_MCP_HOST(self, argument: str) -> Deferred[str]:
+        """
+        Start the MCP host if it does not run; answer C{OK {"pid", "socket"}}
+        once it accepts launchers, or C{ERR} and why not.
+        """
+        return self._target.start_mcp_host().addCallback(
+            lambda facts: "OK " + json.dumps(facts, separators=(",", ":"))
+        )
+
     def _releasers(self) -> set["HealthProtocol"]:
         factory = getattr(self, "factory", None)
         return factory.releasers if factory is not None else set()
@@ -358,6 +370,7 @@ class HealthProtocol(LineReceiver, TimeoutMixin):
         "BYE": cmd_BYE,
         "RELEASE": cmd_RELEASE,
         "NAME": cmd_NAME,
+        "MCP_HOST": cmd_MCP_HOST,
     }
 
 

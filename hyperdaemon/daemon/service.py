@@ -56,6 +56,7 @@ from hyperdaemon.daemon.sessions import (
     session_folder,
     sweep_orphans,
 )
+from hyperdaemon.daemon.mcphost import McpHostSupervisor
 from hyperdaemon.daemon.supervisor import HyperdInstance, HyperdSupervisor
 
 # The name its lines have always had in daemon.log.
@@ -131,6 +132,9 @@ class DaemonSettings:
     #: A pipe to the process that spawned this daemon: it is told
     #: C{READY <port>}, C{EXISTS <port>} or C{ERROR <reason>}, once.
     ready_fd: int | None = None
+    #: Start the MCP host at once, with C{hyperd} (the daemon was spawned
+    #: for an MCP client); otherwise it starts on the first C{MCP_HOST}.
+    mcp_host: bool = False
 
     @property
     def sessions_dir(self) -> Path:
@@ -205,6 +209,7 @@ class DaemonService(MultiService):
             on_ready=self._hyperd_ready,
             on_give_up=self._hyperd_gave_up,
         )
+        self.mcp_host = McpHostSupervisor(reactor, settings.state_dir, settings.port)
         self.idle = IdleTimer(reactor, settings.idle_timeout, lambda: len(self.sessions), self._idled)
         self.idle.setServiceParent(self)
         self.sessions.on_change.append(self.idle.touch)
@@ -338,13 +343,21 @@ class DaemonService(MultiService):
             d.addErrback(lambda f: _log.failure("checking lower ports failed", f)
                          or self._yield_or_start(None))
         else:
-            self.supervisor.startService()
+            self._start_children()
+
+    def _start_children(self) -> None:
+        """Start hyperd, and the MCP host with it when a launcher spawned us."""
+        self.supervisor.startService()
+        self.mcp_host.startService()
+        if self.settings.mcp_host:
+            self.mcp_host.ensure().addErrback(
+                lambda f: _log.warn("no MCP host: {reason}", reason=f.getErrorMessage()))
 
     def _yield_or_start(self, port: int | None) -> None:
         if self._shutting_down:
             return
         if port is None:
-            self.supervisor.startService()
+            self._start_children()
             return
         tell_spawner(self._ready_fd, f"EXISTS {port}")
         self._ready_fd = None
@@ -383,6 +396,9 @@ class DaemonService(MultiService):
     async def _stop(self) -> None:
         await defer.maybeDeferred(self.health.stopService)
         self.idle.stopService()
+        if self.mcp_host.running:
+            # Before hyperd: the host's sessions drop their databases.
+            await self.mcp_host.stopService()
         if self.supervisor.running:
             await self.supervisor.stopService()
         # With hyperd gone, nothing has the sessions' databases open.
@@ -529,6 +545,11 @@ class DaemonService(MultiService):
         ready.addCallback(lambda facts: {"id": session.id, **facts})
         return session.id, ready
 
+    def start_mcp_host(self) -> defer.Deferred[dict[str, Any]]:
+        if self._shutting_down or not self.mcp_host.running:
+            return defer.fail(Exception("the daemon is stopping"))
+        return self.mcp_host.ensure()
+
     def rename_session(self, session_id: str, name: str | None) -> None:
         for session in self.sessions:
             if session.id == session_id:
@@ -657,4 +678,5 @@ class DaemonService(MultiService):
             "log_dir": str(self.settings.logs_dir),
             "sessions": self.sessions.to_json(),
             "session_protocol": SESSION_PROTOCOL,
+            "mcp_host": self.mcp_host.status(),
         }

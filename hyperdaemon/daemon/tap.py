@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from twisted.python import usage
 
 from hyperdaemon import config
+from hyperdaemon.daemon.mcphost import START_VAR as MCP_HOST_VAR
 from hyperdaemon.daemon.service import AlreadyRunning, DaemonService, DaemonSettings, StartupError
 from hyperdaemon.discovery import StateDirError, prepare_state_dir
 from hyperdaemon.client.healthclient import PortState, log_skipped, probe_port
@@ -138,6 +139,8 @@ def resolve_settings(options: Mapping[str, Any], environ: Mapping[str, str]) -> 
         compat=bool(options.get("compat")),
         lower_ports=lower,
         ready_fd=options.get("ready_fd"),
+        # Set by a launcher that spawns the daemon: its host is wanted now.
+        mcp_host=environ.get(MCP_HOST_VAR) == "1",
     )
 
 

@@ -1,0 +1,479 @@
+"""
+C{hyperdb-mcp} without a subcommand: the launcher each assistant starts.
+
+It serves nothing itself: it connects to the user's MCP host
+(L{hyperdaemon.mcp.host}) on C{$HYPERDB_STATE_DIR/mcp-host.sock}, sends one
+line of settings (its flags, the environment variables that matter, its pid
+and cwd), reads the host's one-line answer, and then relays its stdin to the
+host and the host's output to its stdout, unchanged.  When stdin ends it
+tells the host (a half-close) and exits once the host has closed the
+session; SIGTERM and SIGINT do the same.
+
+The warm path (a host answers) imports only the standard library, so that
+an assistant's server costs a few megabytes and starts in milliseconds.  The
+cold path (no host answers) finds or spawns the daemon as clients always did
+(asking it to start its host with C{hyperd}), asks for the host
+(C{MCP_HOST}) and waits for it.  Where no host can serve (C{--no-daemon},
+the upstream daemon, a host that cannot start, one that says it is not the
+daemon the settings choose) the launcher runs today's in-process server
+(L{hyperdaemon.mcp.server.run}) instead.
+
+Recovery: if the host goes away while stdin is open (it or the daemon died),
+every request in flight is answered with a JSON-RPC error that says to call
+again, the launcher connects again (spawning the daemon if need be), replays
+the client's C{initialize} request and C{initialized} notification to the
+new host (swallowing the reply), and goes on relaying.  It never exits
+because of it.
+"""
+
+import json
+import os
+import select
+import signal
+import socket
+import sys
+import time
+
+#: The host's socket in the state directory (L{hyperdaemon.daemon.mcphost.SOCKET_NAME}).
+SOCKET_NAME = "mcp-host.sock"
+#: The variables a launcher passes on (L{hyperdaemon.mcp.host.PASSED_VARIABLES}).
+PASSED_VARIABLES = ("HYPERDB_STATE_DIR", "HYPERDB_DAEMON_PORT", "HYPERDB_DAEMON_PORT_RANGE",
+                    "HYPERDB_PERSISTENT_DB", "HYPERD_PATH", "HOME", "XDG_DATA_HOME")
+#: Set in a spawned daemon's environment: start the host with hyperd.
+START_VAR = "HYPERDAEMON_MCP_HOST"
+#: Seconds the host may take to answer the settings (it opens the session).
+ANSWER_TIMEOUT = 120.0
+#: Seconds between attempts to reach a host again after one went away.
+RECONNECT_DELAYS = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+#: The JSON-RPC error code of a request the host could not finish.
+RETRY_CODE = -32000
+RETRY_MESSAGE = ("The hyperdb-mcp server restarted while this request was running, so it "
+                 "may not have completed; check its effect if it writes, then send it again.")
+PROG = "hyperdb-mcp"
+
+
+class NoHost(Exception):
+    """No host can serve this launcher; the in-process server should."""
+
+
+class Refused(Exception):
+    """The host refused the session for a reason the user must fix (C{str()})."""
+
+
+class Stop(BaseException):
+    """SIGTERM or SIGINT came while the launcher was busy: end the session, exit."""
+
+
+def _stop(signum, frame) -> None:
+    raise Stop()
+
+
+def finish(sock: socket.socket, timeout: float = 30.0) -> int:
+    """
+    End the session: shut our side down, and wait (at most C{timeout}
+    seconds) for the host to close it, which it does once the session is
+    closed and its scratch database dropped.  The exit code.
+    """
+    try:
+        sock.shutdown(socket.SHUT_WR)
+        sock.settimeout(timeout)
+        while sock.recv(1 << 16):
+            pass
+    except OSError:
+        pass
+    sock.close()
+    return 0
+
+
+def state_dir(environ) -> str:
+    """The state directory, as L{hyperdaemon.config.state_dir} resolves it without a flag."""
+    raw = environ.get("HYPERDB_STATE_DIR", "").strip() and environ["HYPERDB_STATE_DIR"]
+    if not raw:
+        raw = os.path.join("~", ".hyperdb")
+    if raw == "~" or raw.startswith("~/"):
+        home = environ.get("HOME") or os.path.expanduser("~")
+        if not home or home == "~":
+            raise NoHost("no home directory")
+        raw = home + raw[1:]
+    return os.path.abspath(raw)
+
+
+def persistent_db(options, environ) -> "str | None":
+    """
+    The persistent database, absolute (resolved here, against the
+    launcher's cwd and home, as L{hyperdaemon.client.session} would);
+    C{None} with C{--ephemeral-only}.
+    """
+    if options.get("ephemeral_only"):
+        return None
+    given = options.get("persistent_db") or environ.get("HYPERDB_PERSISTENT_DB", "").strip()
+    if given:
+        return os.path.abspath(os.path.expanduser(given))
+    data = environ.get("XDG_DATA_HOME", "").strip()
+    if not data or not os.path.isabs(data):  # the XDG spec ignores relative paths
+        data = os.path.join(os.path.expanduser("~"), ".local", "share")
+    return os.path.join(data, "hyperdb", "workspace.hyper")
+
+
+def settings_line(options, environ) -> bytes:
+    fields = {
+        "pid": os.getpid(),
+        "cwd": os.getcwd(),
+        "read_only": bool(options.get("read_only")),
+        "ephemeral_only": bool(options.get("ephemeral_only")),
+        "persistent_db": persistent_db(options, environ),
+        "environ": {name: environ[name] for name in PASSED_VARIABLES if name in environ},
+    }
+    return json.dumps(fields, separators=(",", ":")).encode("utf-8") + b"\n"
+
+
+def connect(path: str) -> "socket.socket | None":
+    """A connection to the host's socket, or C{None} if nobody answers there."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        return None
+    return sock
+
+
+def handshake(sock: socket.socket, line: bytes) -> bytes:
+    """
+    Send the settings, read the host's answer.
+
+    @return: what came after the answer (the start of the MCP stream).
+    @raise NoHost: if the host cannot serve (or went away).
+    @raise Refused: if it refused the session for the user to fix.
+    """
+    sock.settimeout(ANSWER_TIMEOUT)
+    try:
+        sock.sendall(line)
+        data = b""
+        while b"\n" not in data:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise NoHost("the host closed the connection")
+            data += chunk
+    except OSError as e:
+        raise NoHost(str(e)) from None
+    finally:
+        sock.settimeout(None)
+    answer, _, rest = data.partition(b"\n")
+    try:
+        fields = json.loads(answer)
+    except ValueError:
+        raise NoHost("the host's answer is not JSON") from None
+    if not isinstance(fields, dict) or fields.get("ok") is not True:
+        reason = str(fields.get("error", "no reason given")) if isinstance(fields, dict) else ""
+        if isinstance(fields, dict) and fields.get("fallback") is False:
+            raise Refused(reason)
+        raise NoHost(reason)
+    return rest
+
+
+def check_settings(options, environ) -> None:
+    """
+    What a session checks before it looks for a daemon (the state
+    directory, the persistent database, room for the session's folder), so
+    that a setting the user must fix starts nothing.
+
+    @raise NoHost: if one is wrong: the in-process server says which, as
+        it always did, and exits.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from hyperdaemon.client.session import check_persistent_db
+    from hyperdaemon.config import ConfigError
+    from hyperdaemon.discovery import SESSIONS_NAME, StateDirError, prepare_state_dir
+
+    try:
+        state = Path(state_dir(environ))
+        prepare_state_dir(state)
+        persistent = persistent_db(options, environ)
+        if persistent is not None:
+            check_persistent_db(Path(persistent))
+        os.rmdir(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=state / SESSIONS_NAME))
+    except (ConfigError, StateDirError, OSError) as e:
+        raise NoHost(str(e)) from None
+
+
+def cold_start(options, environ) -> str:
+    """
+    Find or spawn the daemon (asking for the host with C{hyperd}), ask it
+    for its host, and return the host's socket once it accepts launchers.
+
+    @raise NoHost: if the daemon cannot give one (upstream's, or its host
+        cannot start), or no daemon can be had (the in-process server then
+        says why).
+    """
+    from hyperdaemon.client.finder import DaemonUnavailable, Finder
+    from hyperdaemon.client.healthclient import DaemonError, connect_own
+
+    check_settings(options, environ)
+    try:
+        finder = Finder.from_environment(None, None, dict(environ, **{START_VAR: "1"}))
+        address = finder.ensure()
+    except (DaemonUnavailable, DaemonError) as e:
+        raise NoHost(str(e)) from None
+    except Exception as e:  # whatever it is, the in-process server says it plainly
+        raise NoHost(f"{type(e).__name__}: {e}") from None
+    if address.session_protocol is None:
+        raise NoHost("the daemon has no MCP host (the upstream daemon)")
+    try:
+        with connect_own(address.port, timeout=ANSWER_TIMEOUT) as conn:
+            reply = conn.ask("MCP_HOST")
+    except (OSError, DaemonError) as e:
+        raise NoHost(str(e)) from None
+    if not reply.startswith("OK "):
+        raise NoHost(reply)
+    try:
+        return str(json.loads(reply[3:])["socket"])
+    except (ValueError, KeyError, TypeError):
+        raise NoHost(f"unusable answer to MCP_HOST: {reply}") from None
+
+
+def reach_host(options, environ, cold: bool = True) -> "tuple[socket.socket, bytes]":
+    """
+    A connection to a host that has opened this launcher's session, and
+    the first bytes of its MCP stream.
+
+    @raise NoHost: if none can be had.
+    @raise Refused: if the host refused the session for the user to fix.
+    """
+    line = settings_line(options, environ)
+    sock = connect(os.path.join(state_dir(environ), SOCKET_NAME))
+    if sock is None:
+        if not cold:
+            raise NoHost("no host answers")
+        sock = connect(cold_start(options, environ))
+        if sock is None:
+            raise NoHost("the host's socket does not answer")
+    try:
+        return sock, handshake(sock, line)
+    except Stop:
+        finish(sock)
+        raise
+    except BaseException:
+        sock.close()
+        raise
+
+
+class Relay:
+    """
+    Copies stdin to the host and the host to stdout, unchanged, and keeps
+    what recovery needs: the client's C{initialize} request and
+    C{initialized} notification, and the ids of the requests in flight.
+    """
+
+    def __init__(self, sock: socket.socket, first: bytes, options, environ) -> None:
+        self.sock = sock
+        self._options = options
+        self._environ = environ
+        self._to_stdout = first
+        self._from_stdin = b""
+        self._from_host = b""
+        self.initialize: "bytes | None" = None
+        self.initialized: "bytes | None" = None
+        self.in_flight: dict = {}
+        self._swallow: object = None
+        self._stop = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_w, False)
+
+    def _signalled(self, signum, frame) -> None:
+        self._stop = True
+        try:
+            os.write(self._wake_w, b"x")
+        except OSError:
+            pass
+
+    # -- what passes -----------------------------------------------------------
+
+    def _note_from_client(self, line: bytes) -> None:
+        try:
+            message = json.loads(line)
+        except ValueError:
+            return
+        if not isinstance(message, dict):
+            return
+        method = message.get("method")
+        if method == "initialize":
+            self.initialize = line
+        elif method == "notifications/initialized":
+            self.initialized = line
+        if method is not None and "id" in message:
+            self.in_flight[json.dumps(message["id"])] = message["id"]
+
+    def _from_host_line(self, line: bytes) -> bool:
+        """Note a line from the host; whether it goes to stdout."""
+        try:
+            message = json.loads(line)
+        except ValueError:
+            return True
+        if isinstance(message, dict) and "method" not in message and "id" in message:
+            key = json.dumps(message["id"])
+            if self._swallow is not None and key == self._swallow:
+                self._swallow = None
+                return False
+            self.in_flight.pop(key, None)
+        return True
+
+    def _write_stdout(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.write(1, view)
+            view = view[written:]
+
+    # -- the loop ------------------------------------------------------------------
+
+    def run(self) -> int:
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, self._signalled)
+        stdin_open = True
+        self._host_data(b"")
+        while True:
+            if self._stop:
+                return self._finish()
+            readers = [self.sock, self._wake_r] + ([0] if stdin_open else [])
+            try:
+                ready, _, _ = select.select(readers, [], [])
+            except InterruptedError:
+                continue
+            if self._wake_r in ready:
+                os.read(self._wake_r, 64)
+                continue
+            if 0 in ready:
+                data = os.read(0, 1 << 16)
+                if not data:
+                    stdin_open = False
+                    try:
+                        self.sock.shutdown(socket.SHUT_WR)
+                    except OSError:
+                        pass
+                else:
+                    self._client_data(data)
+            if self.sock in ready:
+                try:
+                    data = self.sock.recv(1 << 16)
+                except OSError:
+                    data = b""
+                if data:
+                    self._host_data(data)
+                elif not stdin_open:
+                    return 0  # the host closed the session after our stdin ended
+                else:
+                    self._recover()
+
+    def _client_data(self, data: bytes) -> None:
+        self._from_stdin += data
+        *lines, self._from_stdin = self._from_stdin.split(b"\n")
+        for line in lines:
+            if line.strip():
+                self._note_from_client(line)
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            pass  # the host is gone: the read side sees it and recovers
+
+    def _host_data(self, data: bytes) -> None:
+        self._from_host += self._to_stdout + data
+        self._to_stdout = b""
+        *lines, self._from_host = self._from_host.split(b"\n")
+        out = [line + b"\n" for line in lines if self._from_host_line(line)]
+        if out:
+            self._write_stdout(b"".join(out))
+
+    def _finish(self) -> int:
+        """SIGTERM or SIGINT: the host closes the session; then exit."""
+        return finish(self.sock)
+
+    # -- recovery ----------------------------------------------------------------
+
+    def _recover(self) -> None:
+        """The host went away: answer what was in flight, reach a host again, replay."""
+        self.sock.close()
+        self._from_host = b""
+        answers = b"".join(
+            json.dumps({"jsonrpc": "2.0", "id": request_id,
+                        "error": {"code": RETRY_CODE, "message": RETRY_MESSAGE}},
+                       separators=(",", ":")).encode() + b"\n"
+            for request_id in self.in_flight.values())
+        self.in_flight.clear()
+        if answers:
+            self._write_stdout(answers)
+        print(f"{PROG}: the MCP host went away; connecting again", file=sys.stderr)
+        attempt = 0
+        # A signal now ends the wait at once (reaching a host may take long).
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, _stop)
+        try:
+            while not self._stop:
+                try:
+                    sock, first = reach_host(self._options, self._environ)
+                    break
+                except (NoHost, Refused) as e:
+                    delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
+                    if attempt == 3:
+                        print(f"{PROG}: still no MCP host ({e}); trying again",
+                              file=sys.stderr)
+                    attempt += 1
+                    time.sleep(delay)
+            else:
+                self.sock = socket.socket()
+                return
+        except Stop:
+            self._stop = True
+            self.sock = socket.socket()
+            return
+        finally:
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                signal.signal(signum, self._signalled)
+        self.sock = sock
+        replay = b""
+        if self.initialize is not None:
+            try:
+                self._swallow = json.dumps(json.loads(self.initialize)["id"])
+            except (ValueError, KeyError, TypeError):
+                self._swallow = None
+            replay += self.initialize + b"\n"
+        if self.initialized is not None:
+            replay += self.initialized + b"\n"
+        try:
+            sock.sendall(replay)
+        except OSError:
+            pass
+        self._to_stdout = first
+        self._host_data(b"")
+
+
+def _in_process(options) -> int:
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, signal.SIG_DFL)  # the server handles them once it runs
+    from hyperdaemon.mcp.server import run
+
+    return run(options)
+
+
+def launch(options) -> int:
+    """Serve MCP on stdio through the host, or in this process where none can; the exit code."""
+    if options.get("no_daemon"):
+        return _in_process(options)
+    environ = dict(os.environ)
+    # Until the relay runs, a signal ends the session where it stands.
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, _stop)
+    relay = None
+    try:
+        try:
+            sock, first = reach_host(options, environ)
+        except NoHost:
+            return _in_process(options)
+        except Refused as e:
+            print(f"{PROG}: {e}", file=sys.stderr)
+            return 1
+        relay = Relay(sock, first, options, environ)
+        return relay.run()
+    except Stop:
+        return finish(relay.sock) if relay is not None else 0

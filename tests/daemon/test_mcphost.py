@@ -1,0 +1,104 @@
+"""
+The daemon's supervision of the MCP host, in-process, with a stand-in host
+(a small Python program that speaks the host's side of the pipe: C{READY},
+C{SESSIONS}, exit when stdin closes).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import AsyncIterator
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+
+from hyperdaemon.daemon.mcphost import McpHostSupervisor, McpHostUnavailable
+from hyperdaemon.daemon.supervisor import RestartBudget
+from support import QUICK, pid_alive, until
+
+#: A host that is ready at once, reports one session, and exits when its
+#: stdin (the daemon's pipe) closes, even when asked to stop by SIGTERM
+#: (it closes its sessions first, as the real one does).
+STAND_IN = """
+import signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+print("READY", flush=True)
+print('SESSIONS [{"pid": 4242, "name": "t", "ephemeral_db": "/x/scratch.hyper"}]', flush=True)
+print("something for the log", file=sys.stderr, flush=True)
+sys.stdin.read()
+"""
+
+
+@pytest_twisted.async_yield_fixture
+async def made(tmp_path: Path) -> AsyncIterator[list[McpHostSupervisor]]:
+    supervisors: list[McpHostSupervisor] = []
+    yield supervisors
+    for supervisor in supervisors:
+        if supervisor.running:
+            await supervisor.stopService()
+
+
+def supervisor_for(made: list[McpHostSupervisor], tmp_path: Path,
+                   budget: RestartBudget | None = None) -> McpHostSupervisor:
+    supervisor = McpHostSupervisor(reactor, tmp_path, 1234, budget=budget,
+                                   argv=[sys.executable, "-c", STAND_IN])
+    supervisor.startService()
+    made.append(supervisor)
+    return supervisor
+
+
+class McpHostSupervisorTests:
+    @pytest_twisted.ensureDeferred
+    async def test_ensure_starts_the_host_and_answers_once_it_is_ready(
+            self, made: list[McpHostSupervisor], tmp_path: Path) -> None:
+        supervisor = supervisor_for(made, tmp_path)
+        facts = await supervisor.ensure()
+        assert facts == {"pid": supervisor.pid, "socket": str(tmp_path / "mcp-host.sock")}
+        assert pid_alive(facts["pid"])
+        # Asked again, the same host.
+        assert (await supervisor.ensure())["pid"] == facts["pid"]
+        await until(lambda: supervisor.status()["sessions"], QUICK, "the host's sessions")
+        status = supervisor.status()
+        assert (status["state"], status["restarts"]) == ("ready", 0)
+        assert status["sessions"] == [{"pid": 4242, "name": "t",
+                                       "ephemeral_db": "/x/scratch.hyper"}]
+        assert isinstance(status["rss_kb"], int) and status["rss_kb"] > 0
+
+    @pytest_twisted.ensureDeferred
+    async def test_a_host_that_dies_is_replaced(
+            self, made: list[McpHostSupervisor], tmp_path: Path) -> None:
+        supervisor = supervisor_for(made, tmp_path)
+        first = (await supervisor.ensure())["pid"]
+        os.kill(first, signal.SIGKILL)
+        await until(lambda: supervisor.restarts == 1 and supervisor.status()["state"] == "ready",
+                    QUICK, "a new host")
+        second = (await supervisor.ensure())["pid"]
+        assert second != first and pid_alive(second)
+
+    @pytest_twisted.ensureDeferred
+    async def test_past_its_budget_the_daemon_gives_up_on_the_host(
+            self, made: list[McpHostSupervisor], tmp_path: Path) -> None:
+        supervisor = supervisor_for(made, tmp_path, RestartBudget(limit=1, window=600))
+        for _ in range(2):
+            pid = (await supervisor.ensure())["pid"]
+            os.kill(pid, signal.SIGKILL)
+            await until(lambda: supervisor.pid != pid, QUICK, "the host to be gone")
+        await until(lambda: supervisor.gave_up, QUICK, "the supervisor to give up")
+        assert supervisor.status()["state"] == "failed"
+        with pytest.raises(McpHostUnavailable, match="launchers serve in their own process"):
+            await supervisor.ensure()
+
+    @pytest_twisted.ensureDeferred
+    async def test_stopping_closes_the_hosts_pipe_and_waits_for_its_exit(
+            self, made: list[McpHostSupervisor], tmp_path: Path) -> None:
+        supervisor = supervisor_for(made, tmp_path)
+        pid = (await supervisor.ensure())["pid"]
+        await supervisor.stopService()
+        # It ignores SIGTERM: it went because its stdin closed.
+        assert not pid_alive(pid)
+        with pytest.raises(McpHostUnavailable, match="stopping"):
+            await supervisor.ensure()

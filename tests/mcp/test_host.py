@@ -1,0 +1,330 @@
+"""
+The MCP host and its launchers: real launchers (C{python -m hyperdaemon})
+driven by the SDK's stdio client, the real daemon, its real host and
+C{hyperd}.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, AsyncIterator
+
+import pytest
+
+from support import QUICK, READY_TIMEOUT, pid_alive, status, wait_for
+from mcp_support import McpTestCase, ToolCallError
+
+NOBODY = 65534
+#: What the launcher must not import on its warm path.
+HEAVY = ("twisted", "mcp", "pydantic", "psycopg", "attrs", "anyio", "sqlglot")
+
+
+def launcher_pid(facts: dict[str, Any]) -> int:
+    """The launcher's pid, which names its session's folder (C{<pid>-...})."""
+    return int(Path(facts["ephemeral_db"]).parent.name.partition("-")[0])
+
+
+def run_as(uid: int, work: Any) -> str:
+    """C{work()} in a forked child that has dropped to C{uid}; what it returned."""
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.write(write_end, work().encode("utf-8"))
+            code = 0
+        except BaseException as e:
+            os.write(write_end, f"child failed: {e!r}".encode("utf-8"))
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        out = pipe.read().decode("utf-8")
+    _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0, out
+    return out
+
+
+class HostTests(McpTestCase):
+    def daemon_facts(self) -> dict[str, Any]:
+        return status(self.ports[0])
+
+    @contextlib.asynccontextmanager
+    async def launcher(self, *python: str, errlog: Any = None) -> AsyncIterator[Any]:
+        """An initialized client of C{python ... -m hyperdaemon}, stderr to C{errlog}."""
+        from mcp.client.session import ClientSession
+        from mcp.client.stdio import StdioServerParameters, stdio_client
+
+        params = StdioServerParameters(command=sys.executable,
+                                       args=[*python, "-m", "hyperdaemon"], env=self.env)
+        async with stdio_client(params, errlog=errlog or sys.stderr) as (read, write):
+            async with ClientSession(read, write) as session:
+                await session.initialize()
+                yield session
+
+    def test_a_launcher_is_served_by_the_daemons_host(self) -> None:
+        async def go() -> dict[str, Any]:
+            async with self.server() as s:
+                facts = await self.call(s, "status")
+                self.assertEqual((await self.call(s, "query", sql="SELECT 6 * 7"))["rows"],
+                                 [[42]])
+                daemon = self.daemon_facts()
+                self.assertEqual(daemon["mcp_host"]["state"], "ready")
+                self.assertEqual(facts["host_pid"], daemon["mcp_host"]["pid"])
+                listed = daemon["mcp_host"]["sessions"]
+                self.assertEqual([(s["pid"], s["ephemeral_db"]) for s in listed],
+                                 [(launcher_pid(facts), facts["ephemeral_db"])])
+                # The daemon knows the session by its launcher.
+                self.assertEqual([s["pid"] for s in daemon["sessions"]], [launcher_pid(facts)])
+                return facts
+
+        facts = self.drive(go())
+        self.assertEqual(facts["served_by"], "mcp host")
+        self.assertEqual(facts["mode"], "daemon")
+        # The session closed with its launcher: its scratch database is gone.
+        wait_for(lambda: not Path(facts["ephemeral_db"]).parent.exists(), QUICK,
+                 "the session's folder to go")
+        wait_for(lambda: self.daemon_facts()["mcp_host"]["sessions"] == [], QUICK,
+                 "the host to drop the session")
+
+    def test_daemon_status_shows_the_host_and_its_sessions(self) -> None:
+        async def go() -> tuple[dict[str, Any], str]:
+            async with self.server("--read-only") as s:
+                facts = await self.call(s, "status")
+                shown = subprocess.run(
+                    [sys.executable, "-m", "hyperdaemon", "daemon", "status"], env=self.env,
+                    capture_output=True, text=True, timeout=QUICK, check=True).stdout
+                return facts, shown
+
+        facts, shown = self.drive(go())
+        host_line = next(line for line in shown.splitlines() if "mcp host" in line)
+        self.assertIn(f"pid {facts['host_pid']} (ready), 1 sessions, RSS ", host_line)
+        self.assertIn(f"launcher pid {launcher_pid(facts)} ", shown)
+        self.assertIn(" read-only ephemeral " + facts["ephemeral_db"], shown)
+
+    def test_the_warm_launcher_imports_only_the_standard_library(self) -> None:
+        async def go() -> None:
+            async with self.server() as s:  # the daemon and its host are running now
+                await self.call(s, "status")
+            log = self.tmp / "importtime.log"
+            with open(log, "w") as errlog:
+                async with self.launcher("-X", "importtime", errlog=errlog) as s:
+                    self.assertEqual((await self.call(s, "status"))["served_by"], "mcp host")
+
+        self.drive(go())
+        imported = {line.split("|")[-1].strip().split(".")[0]
+                    for line in (self.tmp / "importtime.log").read_text().splitlines()
+                    if line.startswith("import time:")}
+        self.assertIn("hyperdaemon", imported)
+        self.assertEqual(imported & set(HEAVY), set())
+
+    def test_two_assistants_share_persistent_data_and_not_scratch(self) -> None:
+        async def go() -> None:
+            async with self.server() as a, self.server() as b:
+                fa, fb = await self.call(a, "status"), await self.call(b, "status")
+                self.assertEqual(fa["host_pid"], fb["host_pid"])
+                self.assertNotEqual(fa["ephemeral_db"], fb["ephemeral_db"])
+                await self.call(a, "execute", sql=["CREATE TABLE mine (x int)"])
+                await self.call(a, "execute", sql=["CREATE TABLE shared (x int)",
+                                                   "INSERT INTO shared VALUES (7)"],
+                                database="persistent")
+                rows = await self.call(b, "query", sql="SELECT x FROM persistent.public.shared")
+                self.assertEqual(rows["rows"], [[7]])
+                with self.assertRaises(ToolCallError):
+                    await self.call(b, "query", sql="SELECT * FROM mine")
+                self.assertEqual((await self.call(a, "query", sql="SELECT count(*) FROM mine"))
+                                 ["rows"], [[0]])
+
+        self.drive(go())
+
+    def test_sigkill_of_a_launcher_ends_its_session(self) -> None:
+        seen: list[dict[str, Any]] = []
+
+        async def go() -> None:
+            async with self.server() as s:
+                seen.append(await self.call(s, "status"))
+                os.kill(launcher_pid(seen[0]), signal.SIGKILL)
+                wait_for(lambda: not pid_alive(launcher_pid(seen[0])), QUICK,
+                         "the launcher to die")
+
+        try:
+            self.drive(go())
+        except BaseException:
+            pass  # the client may see its server die
+        facts = seen[0]
+        self.assertTrue(Path(facts["ephemeral_db"]).parent.name.startswith(
+            f"{launcher_pid(facts)}-"))
+        folder = Path(facts["ephemeral_db"]).parent
+        wait_for(lambda: not folder.exists(), QUICK, "the killed launcher's folder to go")
+        wait_for(lambda: self.daemon_facts()["sessions"] == []
+                 and self.daemon_facts()["mcp_host"]["sessions"] == [], QUICK,
+                 "the daemon and the host to drop the session")
+
+    def _recovers_from_killing(self, victim: str) -> None:
+        async def go() -> tuple[dict[str, Any], dict[str, Any]]:
+            async with self.server() as s:
+                before = await self.call(s, "status")
+                await self.call(s, "execute", sql=["CREATE TABLE kept (x int)",
+                                                   "INSERT INTO kept VALUES (1)"],
+                                database="persistent")
+                daemon = self.daemon_facts()
+                pid = daemon["mcp_host"]["pid"] if victim == "host" else daemon["pid"]
+                os.kill(pid, signal.SIGKILL)
+                wait_for(lambda: not pid_alive(pid), QUICK, f"the {victim} to die")
+                outcome = None
+                for _ in range(3):
+                    try:
+                        outcome = await self.call(s, "query", sql="SELECT x FROM "
+                                                  "persistent.public.kept")
+                        break
+                    except ToolCallError:
+                        raise
+                    except Exception as e:  # the JSON-RPC error that says to retry
+                        self.assertIn("send it again", str(e))
+                self.assertEqual(outcome["rows"], [[1]])
+                after = await self.call(s, "status")
+                self.assertTrue(pid_alive(launcher_pid(before)))
+                return before, after
+
+        before, after = self.drive(go())
+        self.assertEqual(launcher_pid(before), launcher_pid(after))
+        self.assertNotEqual(before["host_pid"], after["host_pid"])
+        self.assertEqual(after["served_by"], "mcp host")
+
+    def test_sigkill_of_the_host_the_launcher_reconnects(self) -> None:
+        self._recovers_from_killing("host")
+
+    def test_sigkill_of_the_daemon_the_launcher_reconnects(self) -> None:
+        self._recovers_from_killing("daemon")
+
+    def test_another_user_cannot_use_the_host(self) -> None:
+        async def go() -> dict[str, Any]:
+            async with self.server() as s:
+                await self.call(s, "status")
+                return self.daemon_facts()
+
+        path = self.drive(go())["mcp_host"]["socket"]
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)
+        self.assertEqual(os.stat(self.state).st_mode & 0o777, 0o700)
+
+        def connect(where: str = path) -> str:
+            with socket.socket(socket.AF_UNIX) as sock:
+                sock.settimeout(QUICK)
+                try:
+                    sock.connect(where)
+                except PermissionError:
+                    return "denied"
+                try:
+                    sock.sendall(json.dumps({"pid": os.getpid(), "cwd": "/"}).encode() + b"\n")
+                except OSError:
+                    pass  # the host may have said no and closed already
+                answer = sock.makefile("rb").readline()
+                return json.loads(answer).get("error", "served")
+
+        self.assertEqual(run_as(NOBODY, connect), "denied")
+        # Even with the socket opened to everyone (linked into an open
+        # folder), the host asks the kernel who connected and says no.
+        opened = Path(tempfile.mkdtemp(dir="/tmp"))
+        try:
+            opened.chmod(0o755)
+            os.link(path, opened / "sock")
+            os.chmod(path, 0o666)
+            self.assertEqual(run_as(NOBODY, lambda: connect(str(opened / "sock"))),
+                             "this MCP host serves only its own user")
+        finally:
+            os.chmod(path, 0o600)
+            shutil.rmtree(opened)
+        self.assertEqual(self.daemon_facts()["mcp_host"]["sessions"], [])
+
+    def test_no_daemon_serves_in_process(self) -> None:
+        async def go() -> dict[str, Any]:
+            async with self.server("--no-daemon") as s:
+                self.assertEqual((await self.call(s, "query", sql="SELECT 1"))["rows"], [[1]])
+                return await self.call(s, "status")
+
+        facts = self.drive(go())
+        self.assertEqual((facts["mode"], facts["served_by"]), ("private hyperd", "in-process"))
+        self.assertFalse((self.state / "mcp-host.sock").exists())
+
+    def test_many_launchers_at_once_share_one_host(self) -> None:
+        count = 50
+
+        async def one(index: int) -> dict[str, Any]:
+            async with self.server() as s:
+                rows = await self.call(s, "query", sql=f"SELECT {index}")
+                self.assertEqual(rows["rows"], [[index]])
+                return await self.call(s, "status")
+
+        async def go() -> list[dict[str, Any]]:
+            return await asyncio.gather(*(one(i) for i in range(count)))
+
+        facts = asyncio.run(asyncio.wait_for(go(), READY_TIMEOUT * 5))
+        self.assertEqual({f["served_by"] for f in facts}, {"mcp host"})
+        self.assertEqual(len({f["host_pid"] for f in facts}), 1)
+        self.assertEqual(len({f["ephemeral_db"] for f in facts}), count)
+        wait_for(lambda: self.daemon_facts()["sessions"] == [], QUICK * 2,
+                 "every session to end")
+
+
+class SettingsTests:
+    """The launcher's settings line and what the host makes of it."""
+
+    def test_the_host_takes_the_launchers_settings(self) -> None:
+        from hyperdaemon.mcp.host import LauncherSettings
+
+        line = json.dumps({"pid": 12, "cwd": "/w", "read_only": True, "ephemeral_only": False,
+                           "persistent_db": "/w/p.hyper",
+                           "environ": {"HYPERDB_DAEMON_PORT": "7", "SECRET_TOKEN": "x"}})
+        settings = LauncherSettings.parse(line.encode())
+        assert settings == LauncherSettings(pid=12, cwd="/w", read_only=True,
+                                            persistent_db="/w/p.hyper",
+                                            environ={"HYPERDB_DAEMON_PORT": "7"})
+
+    @pytest.mark.parametrize("fields, problem", [
+        ({"cwd": "/"}, "pid"),
+        ({"pid": 0, "cwd": "/"}, "pid"),
+        ({"pid": 1, "cwd": "relative"}, "cwd"),
+        ({"pid": 1, "cwd": "/", "persistent_db": "p.hyper"}, "persistent_db"),
+        ({"pid": 1, "cwd": "/", "read_only": "yes"}, "read_only"),
+        ({"pid": 1, "cwd": "/", "environ": {"A": 1}}, "environ"),
+    ])
+    def test_the_host_refuses_unusable_settings(self, fields: dict[str, Any],
+                                                problem: str) -> None:
+        from hyperdaemon.mcp.host import LauncherSettings
+
+        with pytest.raises(ValueError, match=problem):
+            LauncherSettings.parse(json.dumps(fields).encode())
+
+    def test_the_launcher_resolves_paths_as_the_library_does(self, tmp_path: Path,
+                                                             monkeypatch: Any) -> None:
+        from hyperdaemon import config
+        from hyperdaemon.client.session import default_persistent_db
+        from hyperdaemon.daemon.mcphost import SOCKET_NAME
+        from hyperdaemon.mcp import host, launcher
+
+        monkeypatch.chdir(tmp_path)
+        assert launcher.SOCKET_NAME == SOCKET_NAME
+        assert launcher.PASSED_VARIABLES == host.PASSED_VARIABLES
+        for environ in ({"HOME": "/h"}, {"HOME": "/h", "HYPERDB_STATE_DIR": "~/s"},
+                        {"HOME": "/h", "HYPERDB_STATE_DIR": "rel"},
+                        {"HOME": "/h", "XDG_DATA_HOME": "/x"},
+                        {"HOME": "/h", "HYPERDB_PERSISTENT_DB": "p.hyper"}):
+            monkeypatch.setenv("HOME", "/h")
+            assert launcher.state_dir(environ) == str(config.state_dir(None, environ)), environ
+            assert launcher.persistent_db({}, environ) == str(default_persistent_db(environ))
+        assert launcher.persistent_db({"ephemeral_only": True}, {}) is None
+        assert launcher.persistent_db({"persistent_db": "x.hyper"}, {}) == str(tmp_path / "x.hyper")
