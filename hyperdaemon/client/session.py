@@ -451,6 +451,11 @@ class DaemonLink:
         fields = {"pid": self._pid, "name": self._name,
                   "ephemeral_db": str(ephemeral) if ephemeral else None,
                   "release": True}
+        if self._pid != os.getpid():
+            # Opened for another process (an MCP host's launcher), which
+            # comes back through a new host if this one dies: the daemon
+            # keeps the database for as long as that process lives.
+            fields["keep_while_owner_lives"] = True
 
         def reply(line: str) -> None:
             if line.startswith("ERR") and ephemeral is not None and "ephemeral_db" in line:
@@ -567,6 +572,30 @@ class PrivateHyperd:
         d = defer.maybeDeferred(self._supervisor.stopService) if self._supervisor.running \
             else defer.succeed(None)
         return d.addBoth(lambda _: shutil.rmtree(self._logs, ignore_errors=True))
+
+
+def _own_folder(ephemeral: str | os.PathLike[str] | None, root: Path,
+                pid: int) -> Path | None:
+    """
+    The folder of C{ephemeral} if it is a session folder of C{pid} under
+    C{root} (a real directory of this user, named C{<pid>-...}); else None.
+    """
+    if ephemeral is None:
+        return None
+    path = Path(ephemeral)
+    folder = path.parent
+    if (path.name != EPHEMERAL_NAME or folder.parent != root
+            or not folder.name.startswith(f"{pid}-")):
+        return None
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return None
+    import stat
+
+    if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid():
+        return None
+    return folder
 
 
 def default_persistent_db(environ: dict[str, str] | None = None) -> Path:
@@ -720,6 +749,7 @@ class Session:
         environ: dict[str, str] | None = None,
         finder: Finder | None = None,
         pid: int | None = None,
+        reattach: str | os.PathLike[str] | None = None,
     ) -> defer.Deferred["Session"]:
         """
         Open a session: find or start the daemon (or, with C{no_daemon}, a
@@ -732,7 +762,10 @@ class Session:
         C{pid} is the process the session belongs to (default this one): its
         folder is named after it, and the daemon drops the session's
         database if that process dies (an MCP host opens sessions for its
-        launchers).
+        launchers).  C{reattach} is the ephemeral database of an earlier
+        session of that process (its folder under the state directory,
+        named after C{pid}): it is attached again, with what it holds; any
+        other path is ignored and a new database made.
 
         @return: a Deferred firing with the ready L{Session}, or failing
             with L{SessionError} / L{hyperdaemon.client.finder.DaemonUnavailable}.
@@ -743,7 +776,7 @@ class Session:
             reactor = global_reactor
         try:
             return cls._start(reactor, name, persistent_db, ephemeral_only, no_daemon,
-                              state_dir, port, environ, finder, pid)
+                              state_dir, port, environ, finder, pid, reattach)
         except Exception:
             return defer.fail()
 
@@ -752,7 +785,8 @@ class Session:
                persistent_db: str | os.PathLike[str] | None, ephemeral_only: bool,
                no_daemon: bool, state_dir: str | None, port: str | int | None,
                environ: dict[str, str] | None, finder: Finder | None,
-               pid: int | None = None) -> defer.Deferred["Session"]:
+               pid: int | None = None,
+               reattach: str | os.PathLike[str] | None = None) -> defer.Deferred["Session"]:
         environ = dict(os.environ if environ is None else environ)
         if finder is None:
             finder = Finder.from_environment(state_dir, port, environ)
@@ -766,11 +800,12 @@ class Session:
             persistent = (Path(os.path.abspath(os.path.expanduser(persistent_db)))
                           if persistent_db else default_persistent_db(environ))
         return defer.ensureDeferred(cls._open(reactor, source, persistent,
-                                              os.getpid() if pid is None else pid))
+                                              os.getpid() if pid is None else pid, reattach))
 
     @classmethod
     async def _open(cls, reactor: Any, source: HyperdSource,
-                    persistent: Path | None, pid: int) -> "Session":
+                    persistent: Path | None, pid: int,
+                    reattach: str | os.PathLike[str] | None = None) -> "Session":
         from hyperdaemon.discovery import StateDirError, prepare_state_dir
 
         root = source.sessions_root
@@ -780,7 +815,8 @@ class Session:
         # A private folder, made exclusively, named for its owner's pid so
         # that a daemon can tell when its owner is gone.
         try:
-            folder = Path(tempfile.mkdtemp(prefix=f"{pid}-", dir=root))
+            folder = (_own_folder(reattach, root, pid)
+                      or Path(tempfile.mkdtemp(prefix=f"{pid}-", dir=root)))
         except OSError as e:
             raise StateDirError(
                 f"Cannot create this session's folder in {root}: {e.strerror}; free or fix "

@@ -105,6 +105,11 @@ def _serves_state_dir(record: DaemonRecord, state_dir: Path) -> bool:
     return facts.get("pid") == record.pid and facts.get("state_dir", str(state_dir)) == str(state_dir)
 
 
+#: The backoff step whose delay (1.6 s) paces the checks that the owner of
+#: a held session's database still lives.
+OWNER_CHECK_ATTEMPT = 4
+
+
 class StartupError(Exception):
     """The daemon cannot start; C{str()} is one sentence with the fix."""
 
@@ -233,6 +238,10 @@ class DaemonService(MultiService):
         self._pending_drops: dict[str, Session] = {}
         #: The waits between drop attempts; cancelling one retries at once.
         self._drop_waits: set[defer.Deferred[None]] = set()
+        #: Sessions opened for another process (an MCP host's launcher):
+        #: their database is kept while that process lives, for it to
+        #: attach again through a new host.
+        self._owner_held: set[str] = set()
         self.sessions.on_change.append(self._retry_drops_now)
 
     # -- lifetime -----------------------------------------------------------
@@ -538,6 +547,8 @@ class DaemonService(MultiService):
                     _log.info("session {id}'s database is in use again; not dropping it",
                               id=pending.id)
         session = Session(self.sessions.new_id(), pid, name, ephemeral, time.time())
+        if fields.get("keep_while_owner_lives") is True and ephemeral is not None:
+            self._owner_held.add(session.id)
         self.sessions.attach(session)
         _log.info("session {id} attached: pid {pid} {name}", id=session.id, pid=pid,
                   name=name or "")
@@ -564,6 +575,7 @@ class DaemonService(MultiService):
         _log.info("session {id} ended{how} (pid {pid})", id=session.id, pid=session.pid,
                   how="" if clean else " without goodbye")
         if not session.ephemeral_db or clean:
+            self._owner_held.discard(session.id)
             return
         self._pending_drops[session.id] = session
         if self._shutting_down:
@@ -618,6 +630,13 @@ class DaemonService(MultiService):
         assert session.ephemeral_db is not None
         path = session.ephemeral_db
         folder = Path(path).parent
+        if session.id in self._owner_held:
+            # Its owner may come back (its host died): wait while it lives,
+            # unless it attaches the database again first.
+            while (session.pid is not None and pid_alive(session.pid)
+                   and self._still_to_drop(session)):
+                await self._wait_to_retry_drop(OWNER_CHECK_ATTEMPT)
+            self._owner_held.discard(session.id)
         started = self._reactor.seconds()
         warned = False
         attempt = 0

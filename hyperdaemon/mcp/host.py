@@ -71,6 +71,9 @@ class LauncherSettings:
     #: with C{ephemeral_only}.
     persistent_db: str | None = None
     environ: dict[str, str] = attrs.Factory(dict)
+    #: The scratch database of the launcher's session in a host that died:
+    #: attached again, with what it holds.
+    ephemeral_db: str | None = None
 
     @classmethod
     def parse(cls, line: bytes) -> "LauncherSettings":
@@ -94,6 +97,10 @@ class LauncherSettings:
         if persistent is not None and not (isinstance(persistent, str)
                                            and os.path.isabs(persistent)):
             raise ValueError("\"persistent_db\" must be an absolute path")
+        ephemeral = fields.get("ephemeral_db")
+        if ephemeral is not None and not (isinstance(ephemeral, str)
+                                          and os.path.isabs(ephemeral)):
+            raise ValueError("\"ephemeral_db\" must be an absolute path")
         environ = fields.get("environ") or {}
         if not (isinstance(environ, dict)
                 and all(isinstance(k, str) and isinstance(v, str) for k, v in environ.items())):
@@ -101,7 +108,7 @@ class LauncherSettings:
         flags = {name: fields.get(name, False) for name in ("read_only", "ephemeral_only")}
         if not all(isinstance(value, bool) for value in flags.values()):
             raise ValueError("\"read_only\" and \"ephemeral_only\" must be true or false")
-        return cls(pid=pid, cwd=cwd, persistent_db=persistent,
+        return cls(pid=pid, cwd=cwd, persistent_db=persistent, ephemeral_db=ephemeral,
                    environ={k: v for k, v in environ.items() if k in PASSED_VARIABLES},
                    **flags)
 
@@ -261,7 +268,7 @@ class McpHost:
         return Session.open(self._reactor, name="hyperdb-mcp",
                             persistent_db=settings.persistent_db,
                             ephemeral_only=settings.ephemeral_only,
-                            finder=finder, pid=settings.pid)
+                            finder=finder, pid=settings.pid, reattach=settings.ephemeral_db)
 
     def refusal(self, settings: LauncherSettings) -> str | None:
         """Why this host is not the one the launcher's settings choose, or None."""

@@ -115,7 +115,7 @@ def persistent_db(options, environ) -> "str | None":
     return os.path.join(data, "hyperdb", "workspace.hyper")
 
 
-def settings_line(options, environ) -> bytes:
+def settings_line(options, environ, ephemeral_db: "str | None" = None) -> bytes:
     fields = {
         "pid": os.getpid(),
         "cwd": os.getcwd(),
@@ -124,6 +124,8 @@ def settings_line(options, environ) -> bytes:
         "persistent_db": persistent_db(options, environ),
         "environ": {name: environ[name] for name in PASSED_VARIABLES if name in environ},
     }
+    if ephemeral_db is not None:
+        fields["ephemeral_db"] = ephemeral_db
     return json.dumps(fields, separators=(",", ":")).encode("utf-8") + b"\n"
 
 
@@ -138,11 +140,11 @@ def connect(path: str) -> "socket.socket | None":
     return sock
 
 
-def handshake(sock: socket.socket, line: bytes) -> bytes:
+def handshake(sock: socket.socket, line: bytes) -> "tuple[dict, bytes]":
     """
     Send the settings, read the host's answer.
 
-    @return: what came after the answer (the start of the MCP stream).
+    @return: the answer, and what came after it (the start of the MCP stream).
     @raise NoHost: if the host cannot serve (or went away).
     @raise Refused: if it refused the session for the user to fix.
     """
@@ -169,7 +171,7 @@ def handshake(sock: socket.socket, line: bytes) -> bytes:
         if isinstance(fields, dict) and fields.get("fallback") is False:
             raise Refused(reason)
         raise NoHost(reason)
-    return rest
+    return fields, rest
 
 
 def check_settings(options, environ) -> None:
@@ -234,24 +236,24 @@ def cold_start(options, environ) -> str:
         raise NoHost(f"unusable answer to MCP_HOST: {reply}") from None
 
 
-def reach_host(options, environ, cold: bool = True) -> "tuple[socket.socket, bytes]":
+def reach_host(options, environ, ephemeral_db: "str | None" = None
+               ) -> "tuple[socket.socket, dict, bytes]":
     """
-    A connection to a host that has opened this launcher's session, and
-    the first bytes of its MCP stream.
+    A connection to a host that has opened this launcher's session (with
+    C{ephemeral_db}, its scratch database in a host that died, if given),
+    the host's answer, and the first bytes of its MCP stream.
 
     @raise NoHost: if none can be had.
     @raise Refused: if the host refused the session for the user to fix.
     """
-    line = settings_line(options, environ)
+    line = settings_line(options, environ, ephemeral_db)
     sock = connect(os.path.join(state_dir(environ), SOCKET_NAME))
     if sock is None:
-        if not cold:
-            raise NoHost("no host answers")
         sock = connect(cold_start(options, environ))
         if sock is None:
             raise NoHost("the host's socket does not answer")
     try:
-        return sock, handshake(sock, line)
+        return (sock, *handshake(sock, line))
     except Stop:
         finish(sock)
         raise
@@ -267,8 +269,11 @@ class Relay:
     C{initialized} notification, and the ids of the requests in flight.
     """
 
-    def __init__(self, sock: socket.socket, first: bytes, options, environ) -> None:
+    def __init__(self, sock: socket.socket, answer: dict, first: bytes, options,
+                 environ) -> None:
         self.sock = sock
+        #: The session's scratch database, for a new host to attach again.
+        self.ephemeral_db = answer.get("ephemeral_db")
         self._options = options
         self._environ = environ
         self._to_stdout = first
@@ -411,7 +416,8 @@ class Relay:
         try:
             while not self._stop:
                 try:
-                    sock, first = reach_host(self._options, self._environ)
+                    sock, answer, first = reach_host(self._options, self._environ,
+                                                     self.ephemeral_db)
                     break
                 except (NoHost, Refused) as e:
                     delay = RECONNECT_DELAYS[min(attempt, len(RECONNECT_DELAYS) - 1)]
@@ -431,6 +437,7 @@ class Relay:
             for signum in (signal.SIGTERM, signal.SIGINT):
                 signal.signal(signum, self._signalled)
         self.sock = sock
+        self.ephemeral_db = answer.get("ephemeral_db") or self.ephemeral_db
         replay = b""
         if self.initialize is not None:
             try:
@@ -467,13 +474,13 @@ def launch(options) -> int:
     relay = None
     try:
         try:
-            sock, first = reach_host(options, environ)
+            sock, answer, first = reach_host(options, environ)
         except NoHost:
             return _in_process(options)
         except Refused as e:
             print(f"{PROG}: {e}", file=sys.stderr)
             return 1
-        relay = Relay(sock, first, options, environ)
+        relay = Relay(sock, answer, first, options, environ)
         return relay.run()
     except Stop:
         return finish(relay.sock) if relay is not None else 0

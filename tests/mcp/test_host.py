@@ -181,6 +181,8 @@ class HostTests(McpTestCase):
                 await self.call(s, "execute", sql=["CREATE TABLE kept (x int)",
                                                    "INSERT INTO kept VALUES (1)"],
                                 database="persistent")
+                await self.call(s, "execute", sql=["CREATE TABLE scratch (x int)",
+                                                   "INSERT INTO scratch VALUES (2)"])
                 daemon = self.daemon_facts()
                 pid = daemon["mcp_host"]["pid"] if victim == "host" else daemon["pid"]
                 os.kill(pid, signal.SIGKILL)
@@ -196,12 +198,16 @@ class HostTests(McpTestCase):
                     except Exception as e:  # the JSON-RPC error that says to retry
                         self.assertIn("send it again", str(e))
                 self.assertEqual(outcome["rows"], [[1]])
+                # The scratch database is the launcher's: attached again.
+                self.assertEqual((await self.call(s, "query", sql="SELECT x FROM scratch"))
+                                 ["rows"], [[2]])
                 after = await self.call(s, "status")
                 self.assertTrue(pid_alive(launcher_pid(before)))
                 return before, after
 
         before, after = self.drive(go())
         self.assertEqual(launcher_pid(before), launcher_pid(after))
+        self.assertEqual(before["ephemeral_db"], after["ephemeral_db"])
         self.assertNotEqual(before["host_pid"], after["host_pid"])
         self.assertEqual(after["served_by"], "mcp host")
 
@@ -210,6 +216,33 @@ class HostTests(McpTestCase):
 
     def test_sigkill_of_the_daemon_the_launcher_reconnects(self) -> None:
         self._recovers_from_killing("daemon")
+
+    def test_a_dead_hosts_session_goes_once_its_launcher_dies_too(self) -> None:
+        seen: list[dict[str, Any]] = []
+
+        async def go() -> None:
+            async with self.server() as s:
+                seen.append(await self.call(s, "status"))
+                host = seen[0]["host_pid"]
+                # The launcher stopped (so that it cannot reconnect), the
+                # host killed: the daemon keeps the database while the
+                # launcher lives, and drops it once it is gone.
+                os.kill(launcher_pid(seen[0]), signal.SIGSTOP)
+                os.kill(host, signal.SIGKILL)
+                wait_for(lambda: not pid_alive(host), QUICK, "the host to die")
+                folder = Path(seen[0]["ephemeral_db"]).parent
+                wait_for(lambda: self.daemon_facts()["sessions"] == [], QUICK,
+                         "the daemon to see the session end")
+                self.assertTrue(folder.exists())
+                os.kill(launcher_pid(seen[0]), signal.SIGKILL)
+                wait_for(lambda: not folder.exists(), QUICK, "the folder to go")
+
+        try:
+            self.drive(go())
+        except BaseException as e:
+            if not seen or "AssertionError" in repr(e) or "FailTest" in repr(e):
+                raise
+        self.assertFalse(Path(seen[0]["ephemeral_db"]).parent.exists())
 
     def test_another_user_cannot_use_the_host(self) -> None:
         async def go() -> dict[str, Any]:
@@ -293,6 +326,8 @@ class SettingsTests:
         assert settings == LauncherSettings(pid=12, cwd="/w", read_only=True,
                                             persistent_db="/w/p.hyper",
                                             environ={"HYPERDB_DAEMON_PORT": "7"})
+        again = json.dumps({"pid": 12, "cwd": "/w", "ephemeral_db": "/s/12-a/scratch.hyper"})
+        assert LauncherSettings.parse(again.encode()).ephemeral_db == "/s/12-a/scratch.hyper"
 
     @pytest.mark.parametrize("fields, problem", [
         ({"cwd": "/"}, "pid"),
@@ -301,6 +336,7 @@ class SettingsTests:
         ({"pid": 1, "cwd": "/", "persistent_db": "p.hyper"}, "persistent_db"),
         ({"pid": 1, "cwd": "/", "read_only": "yes"}, "read_only"),
         ({"pid": 1, "cwd": "/", "environ": {"A": 1}}, "environ"),
+        ({"pid": 1, "cwd": "/", "ephemeral_db": "x.hyper"}, "ephemeral_db"),
     ])
     def test_the_host_refuses_unusable_settings(self, fields: dict[str, Any],
                                                 problem: str) -> None:
