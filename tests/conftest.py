@@ -35,7 +35,15 @@ import pytest_twisted
 from twisted.internet import defer, interfaces
 from twisted.internet.task import deferLater
 
-from support import MARKER, Clients, DaemonProcess, kill_processes, leaked_processes, within
+from support import (
+    MARKER,
+    Clients,
+    DaemonProcess,
+    kill_processes,
+    leaked_processes,
+    pid_alive,
+    within,
+)
 
 os.environ[MARKER] = uuid.uuid4().hex
 os.environ.pop("HYPERDB_DAEMON_PORT", None)
@@ -176,6 +184,28 @@ def tmpfs() -> Iterator[Callable[[Path, str], None]]:
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
+def _leaked_hosts(base: Path) -> dict[int, str]:
+    """
+    MCP host processes still serving a state directory of this test run,
+    marked or not: a host outlives nothing it should (its daemon stops it,
+    and it exits when the daemon's pipe closes), so one found here leaked.
+    """
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = [part.decode("utf-8", "replace") for part in f.read().split(b"\0")]
+        except OSError:
+            continue
+        if "hyperdaemon.mcp.host" not in argv or "--state-dir" not in argv[:-1]:
+            continue
+        if argv[argv.index("--state-dir") + 1].startswith(str(base)) and pid_alive(int(entry)):
+            found[int(entry)] = " ".join(argv).strip()
+    return found
+
+
 @pytest.fixture(scope="session", autouse=True)
 def no_leaked_processes(tmp_path_factory: pytest.TempPathFactory):
     """Fail the run if a process started by the tests outlives them."""
@@ -187,6 +217,7 @@ def no_leaked_processes(tmp_path_factory: pytest.TempPathFactory):
     os.environ["HYPERDB_DAEMON_PORT_RANGE"] = "39900-39915"
     yield
     leaked = leaked_processes(os.environ[MARKER], grace=10.0)
+    leaked.update(_leaked_hosts(base))
     if leaked:
         kill_processes(leaked)
         pytest.fail(

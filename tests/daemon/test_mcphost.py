@@ -102,3 +102,26 @@ class McpHostSupervisorTests:
         assert not pid_alive(pid)
         with pytest.raises(McpHostUnavailable, match="stopping"):
             await supervisor.ensure()
+
+
+def test_the_leak_check_finds_a_host_of_this_run_even_unmarked(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    import subprocess
+
+    from conftest import _leaked_hosts
+    from support import MARKER
+
+    base = tmp_path_factory.getbasetemp()
+    environ = {k: v for k, v in os.environ.items() if k != MARKER}
+    stray = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.read()", "-m", "hyperdaemon.mcp.host",
+         "--state-dir", str(base / "some-test" / "state")],
+        stdin=subprocess.PIPE, env=environ)
+    try:
+        found = _leaked_hosts(base)
+        assert stray.pid in found and "hyperdaemon.mcp.host" in found[stray.pid]
+        assert _leaked_hosts(base / "elsewhere") == {}
+    finally:
+        stray.stdin.close()
+        stray.wait(QUICK)
+    assert stray.pid not in _leaked_hosts(base)

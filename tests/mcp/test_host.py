@@ -293,6 +293,21 @@ class HostTests(McpTestCase):
         self.assertEqual((facts["mode"], facts["served_by"]), ("private hyperd", "in-process"))
         self.assertFalse((self.state / "mcp-host.sock").exists())
 
+    def test_a_host_that_cannot_start_leaves_the_launcher_serving_in_process(self) -> None:
+        # Something that is not a socket where the host's socket goes: every
+        # host exits at once, and past its budget the daemon gives up.
+        (self.state / "mcp-host.sock").mkdir(parents=True)
+        self.state.chmod(0o700)
+
+        async def go() -> dict[str, Any]:
+            async with self.server() as s:
+                self.assertEqual((await self.call(s, "query", sql="SELECT 5"))["rows"], [[5]])
+                return await self.call(s, "status")
+
+        facts = self.drive(go())
+        self.assertEqual((facts["mode"], facts["served_by"]), ("daemon", "in-process"))
+        self.assertEqual(self.daemon_facts()["mcp_host"]["state"], "failed")
+
     def test_many_launchers_at_once_share_one_host(self) -> None:
         count = 50
 
@@ -311,6 +326,19 @@ class HostTests(McpTestCase):
         self.assertEqual(len({f["ephemeral_db"] for f in facts}), count)
         wait_for(lambda: self.daemon_facts()["sessions"] == [], QUICK * 2,
                  "every session to end")
+
+
+class FallbackTests:
+    def test_the_upstream_daemon_has_no_host_so_the_launcher_serves_itself(
+            self, monkeypatch: Any, tmp_path: Path) -> None:
+        from hyperdaemon.client.finder import DaemonAddress, Finder
+        from hyperdaemon.mcp import launcher
+
+        upstream = DaemonAddress(port=1, version="0.7.3", session_protocol=None, facts={})
+        monkeypatch.setattr(Finder, "ensure", lambda self: upstream)
+        environ = {"HYPERDB_STATE_DIR": str(tmp_path / "state"), "HOME": str(tmp_path)}
+        with pytest.raises(launcher.NoHost, match="upstream"):
+            launcher.cold_start({"ephemeral_only": True}, environ)
 
 
 class SettingsTests:
