@@ -44,7 +44,12 @@ class Forwarder:
     """Sends one session's log events to its client, from any thread."""
 
     def __init__(self, session: Any) -> None:
-        self.session = session
+        # Weakly where it can: the forwarder must not keep a finished
+        # session alive (a host serves many, one after another).
+        try:
+            self._session: Any = weakref.ref(session)
+        except TypeError:
+            self._session = lambda: session
         self.threshold = DEFAULT_LEVEL
         self._loop: Any = None
         self._client: Any = None
@@ -55,7 +60,7 @@ class Forwarder:
         if level is None or not at_least(level, self.threshold):
             return None
         owner = event.get("session")
-        if owner is not None and owner is not self.session:
+        if owner is not None and owner is not self._session():
             return None
         return level
 
@@ -111,23 +116,40 @@ def serve(server: Any, kit: Any) -> None:
     import mcp.types as types
     from twisted.logger import globalLogPublisher
 
-    forwarder = Forwarder(kit.tools.session)
-    server.middleware.append(forwarder.learn_client)
+    # One forwarder per session, made at its first request (the session is
+    # known then): one server may serve several (the MCP host).
+    forwarders: "weakref.WeakKeyDictionary[Any, Forwarder]" = weakref.WeakKeyDictionary()
+
+    def forwarder_for(ctx: Any) -> Forwarder:
+        session = kit.tools.session
+        found = forwarders.get(session)
+        if found is None:
+            found = forwarders[session] = Forwarder(session)
+        return found
+
+    async def learn_client(ctx: Any, call_next: Any) -> Any:
+        return await forwarder_for(ctx).learn_client(ctx, call_next)
+
+    async def set_level(ctx: Any, params: Any) -> Any:
+        return await forwarder_for(ctx).set_level(ctx, params)
+
+    server.middleware.append(learn_client)
     with warnings.catch_warnings():
         # Deprecated from the 2026-07-28 protocol on, and what the clients
         # of the protocols before it use.
         warnings.simplefilter("ignore")
         server._lowlevel_server.add_request_handler(
-            "logging/setLevel", types.SetLevelRequestParams, forwarder.set_level)
+            "logging/setLevel", types.SetLevelRequestParams, set_level)
 
     # The publisher must not keep a finished session's server alive.
-    alive = weakref.ref(forwarder)
+    alive = weakref.ref(forwarders)
 
     def observer(event: dict[str, Any]) -> None:
         found = alive()
         if found is None:
             globalLogPublisher.removeObserver(observer)
             return
-        found.observe(event)
+        for forwarder in list(found.values()):
+            forwarder.observe(event)
 
     globalLogPublisher.addObserver(observer)

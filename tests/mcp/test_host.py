@@ -95,6 +95,11 @@ class HostTests(McpTestCase):
         facts = self.drive(go())
         self.assertEqual(facts["served_by"], "mcp host")
         self.assertEqual(facts["mode"], "daemon")
+        # Every tool family shares the host's one server (a family that
+        # needs its session while the server is made costs a server each).
+        log = (self.state / "logs" / "daemon.log").read_text()
+        self.assertIn("accepts launchers", log)
+        self.assertNotIn("one server per session", log)
         # The session closed with its launcher: its scratch database is gone.
         wait_for(lambda: not Path(facts["ephemeral_db"]).parent.exists(), QUICK,
                  "the session's folder to go")
