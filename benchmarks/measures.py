@@ -31,8 +31,10 @@ from .procs import (
     Reaper,
     cpu_seconds,
     descendants,
+    is_mcp_host,
     kill,
     pid_alive,
+    private_bytes,
     pss_bytes,
     rss_bytes,
     wait_for,
@@ -392,12 +394,21 @@ def _rss_parts(clients: Sequence[int], daemon: int | None) -> tuple[int, dict[st
         if not pid_alive(daemon):
             raise BenchError("the daemon died")
         roles["daemon"] = [daemon]
-        roles["daemon's hyperd"] = descendants(daemon)
+        below = descendants(daemon)
+        # Ours serves MCP sessions from one host process, a child of the daemon.
+        roles["mcp host"] = [pid for pid in below if is_mcp_host(pid)]
+        roles["daemon's hyperd"] = [pid for pid in below if pid not in roles["mcp host"]]
     rss = {role: sum(rss_bytes(pid) for pid in pids) for role, pids in roles.items()}
     pss = {role: sum(pss_bytes(pid) for pid in pids) for role, pids in roles.items()}
+    private = {role: sum(private_bytes(pid) for pid in pids) for role, pids in roles.items()}
     parts: dict[str, Any] = {k: round(v / MB, 1) for k, v in rss.items()}
     parts["pss"] = {k: round(v / MB, 1) for k, v in pss.items()}
+    parts["private"] = {k: round(v / MB, 1) for k, v in private.items()}
     parts["pss_total"] = sum(pss.values()) / MB
+    # What each assistant costs: its own process, and its share of the host.
+    count = max(len(clients), 1)
+    parts["per_assistant_private"] = (private["clients"] + private.get("mcp host", 0)) / count / MB
+    parts["per_assistant_pss"] = (pss["clients"] + pss.get("mcp host", 0)) / count / MB
     return sum(rss.values()), parts
 
 
@@ -415,11 +426,15 @@ def memory(reaper: Reaper, targets: Sequence[Target], rec: Recorder, sessions: i
                     rec.add(target, "mem_ratio", rep, private / shared)
                     _ratios(rec, target, rep, "mem")
             with rec.guard([target], 7, rep, "MCP servers"):
-                shared, parts = _servers_memory(reaper, target, sessions, shared=True)
-                rec.extra(target, "mcp_mem_shared_parts_mb", parts)
+                shared, one_daemon = _servers_memory(reaper, target, sessions, shared=True)
+                rec.extra(target, "mcp_mem_shared_parts_mb", one_daemon)
                 private, parts = _servers_memory(reaper, target, sessions, shared=False)
                 rec.extra(target, "mcp_mem_private_parts_mb", parts)
                 rec.add(target, "mcp_mem_shared_mb", rep, shared / MB)
+                rec.add(target, "mcp_mem_shared_pss_mb", rep, one_daemon["pss_total"])
+                rec.add(target, "mcp_assistant_private_mb", rep,
+                        one_daemon["per_assistant_private"])
+                rec.add(target, "mcp_assistant_pss_mb", rep, one_daemon["per_assistant_pss"])
                 rec.add(target, "mcp_mem_private_mb", rep, private / MB)
                 rec.add(target, "mcp_mem_ratio", rep, private / shared)
                 _ratios(rec, target, rep, "mcp_mem")

@@ -120,6 +120,28 @@ def pss_bytes(pid: int) -> int:
     return 0
 
 
+def private_bytes(pid: int) -> int:
+    """C{Private_Clean} + C{Private_Dirty} of C{pid} (pages no other process maps); 0 if gone."""
+    total = 0
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith(("Private_Clean:", "Private_Dirty:")):
+                    total += int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return total
+
+
+def is_mcp_host(pid: int) -> bool:
+    """Whether C{pid} is our MCP host (L{hyperdaemon.mcp.host})."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return b"hyperdaemon.mcp.host" in f.read().split(b"\0")
+    except OSError:
+        return False
+
+
 def _parents() -> dict[int, int]:
     parents = {}
     for entry in os.listdir("/proc"):
