@@ -29,6 +29,8 @@ the tool returns, and refused under --read-only.  export's format C{iceberg}
 
 import json
 import secrets
+import threading
+import time
 from pathlib import Path
 from typing import Annotated, Any, Callable
 
@@ -76,6 +78,12 @@ METADATA_SUFFIX = ".metadata.json"
 #: The current UTC time as hyperd's TIMESTAMP (the catalog's columns are
 #: upstream's, without a time zone).
 NOW_UTC = "CAST(now() AT TIME ZONE 'UTC' AS TIMESTAMP)"
+#: How often a catalog write that conflicts with another session's is
+#: tried, and the pause before the next try (times the attempt's number).
+CONFLICT_ATTEMPTS = 6
+CONFLICT_PAUSE = 0.05
+#: Held by each catalog write of this process (load_files loads at once).
+_writing = threading.Lock()
 
 
 # -- the catalog: functions of a connection, run on the session's worker --------
@@ -109,43 +117,102 @@ def _ensure_catalog(conn: Any, db: str) -> None:
     conn.execute(f"CREATE TABLE IF NOT EXISTS {catalog_reference(db)} ({columns})")
 
 
-def _existing_tables(db: str) -> str:
-    """SQL for the names of C{db}'s tables in schema public."""
+def _stale_entries(conn: Any, db: str) -> list[str]:
+    """The names in C{db}'s catalog of tables no longer there (dropped with execute, say)."""
     prefix = quote_identifier(db)
-    return (f"SELECT c.relname FROM {prefix}.pg_catalog.pg_class c "
-            f"JOIN {prefix}.pg_catalog.pg_namespace n ON c.relnamespace = n.oid "
-            f"WHERE n.nspname = 'public' AND c.relkind = 'r'")
+    # Two plain reads: a DELETE whose condition reads pg_class crashes
+    # hyperd when other connections write the catalog at the same time.
+    tables = {name for (name,) in conn.execute(
+        f"SELECT c.relname FROM {prefix}.pg_catalog.pg_class c "
+        f"JOIN {prefix}.pg_catalog.pg_namespace n ON c.relnamespace = n.oid "
+        f"WHERE n.nspname = 'public' AND c.relkind = 'r'")}
+    named = [name for (name,) in conn.execute(f"SELECT table_name FROM {catalog_reference(db)}")]
+    return [name for name in named if name not in tables]
+
+
+def catalog_lock(session: Any, db: str) -> Path | None:
+    """
+    The lock file that sessions hold around a write to C{db}'s catalog: the
+    attach lock of its file (L{hyperdaemon.client.sharedfiles.lock_paths});
+    None for the session's own scratch database, which no other process
+    writes.
+    """
+    from hyperdaemon.client.session import LOCKS_NAME
+    from hyperdaemon.client.sharedfiles import lock_paths
+
+    path = session.attached_files.get(db) if session is not None else None
+    if path is None:
+        return None
+    # The state directory's lock folder, where a read-only folder's locks go.
+    fallback = Path(session.ephemeral_db).parent.parent.parent / LOCKS_NAME
+    return lock_paths(Path(path), fallback)[2]
+
+
+def _one_writer_at_a_time(write: Callable[[], Any], lock: Path | None) -> Any:
+    """
+    C{write()}, the writes to a catalog: one writer at a time, in this
+    process (load_files loads on several connections) and across sessions
+    (C{lock}), since concurrent UPDATEs of one table from several
+    connections can crash hyperd (SIGSEGV, seen with 0.0.26963); and again
+    after a conflict with a writer that does not take the lock (hyperd
+    refuses concurrent writes to one table with a serialization failure).
+    """
+    import psycopg
+
+    from hyperdaemon.client.sharedfiles import LockFile
+
+    for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+        held = LockFile(lock) if lock is not None else None
+        try:
+            with _writing:
+                if held is not None:
+                    held.lock(exclusive=True)
+                return write()
+        except psycopg.errors.SerializationFailure:
+            if attempt == CONFLICT_ATTEMPTS:
+                raise
+        finally:
+            if held is not None:
+                held.close()
+        time.sleep(CONFLICT_PAUSE * attempt)
 
 
 def record_load(conn: Any, db: str, name: str, tool: str, params: dict[str, Any],
-                by: str | None) -> None:
+                by: str | None, lock: Path | None = None) -> None:
     """
     Record that C{tool} (with C{params}) has just loaded table C{name} of
     C{db}: the entry is made, or its load fields are brought up to date (its
     prose and first load time stay); entries of tables no longer there go.
     """
-    _ensure_catalog(conn, db)
     catalog = catalog_reference(db)
     table = f"{quote_identifier(db)}.public.{quote_identifier(name)}"
-    rows = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
     shown = json.dumps({k: v for k, v in params.items() if v is not None}, sort_keys=True,
                        default=str)
-    with conn.transaction():
-        conn.execute(f"DELETE FROM {catalog} WHERE table_name NOT IN ({_existing_tables(db)})")
-        updated = conn.execute(
-            f"UPDATE {catalog} SET load_tool = %s, load_params = %s, last_refreshed_at = "
-            f"{NOW_UTC}, row_count = %s, last_modified_by = %s WHERE table_name = %s",
-            (tool, shown, rows, by, name)).rowcount
-        if not updated:
-            conn.execute(
-                f"INSERT INTO {catalog} (table_name, load_tool, load_params, loaded_at, "
-                f"last_refreshed_at, row_count, created_by, last_modified_by) "
-                f"VALUES (%s, %s, %s, {NOW_UTC}, {NOW_UTC}, %s, %s, %s)",
-                (name, tool, shown, rows, by, by))
+
+    def write() -> None:
+        _ensure_catalog(conn, db)
+        rows = conn.execute(f"SELECT count(*) FROM {table}").fetchone()[0]
+        stale = _stale_entries(conn, db)
+        with conn.transaction():
+            if stale:
+                conn.execute(f"DELETE FROM {catalog} WHERE table_name IN "
+                             f"({', '.join('%s::text' for _ in stale)})", stale)
+            updated = conn.execute(
+                f"UPDATE {catalog} SET load_tool = %s, load_params = %s, last_refreshed_at = "
+                f"{NOW_UTC}, row_count = %s, last_modified_by = %s WHERE table_name = %s",
+                (tool, shown, rows, by, name)).rowcount
+            if not updated:
+                conn.execute(
+                    f"INSERT INTO {catalog} (table_name, load_tool, load_params, loaded_at, "
+                    f"last_refreshed_at, row_count, created_by, last_modified_by) "
+                    f"VALUES (%s, %s, %s, {NOW_UTC}, {NOW_UTC}, %s, %s, %s)",
+                    (name, tool, shown, rows, by, by))
+
+    _one_writer_at_a_time(write, lock)
 
 
 def record_quietly(conn: Any, db: str, table: str, tool: str, params: dict[str, Any],
-                   by: str | None) -> str | None:
+                   by: str | None, session: Any = None) -> str | None:
     """
     L{record_load} for a load that has succeeded, which a catalog that
     cannot be written must not undo: None, or a note saying why the entry
@@ -155,7 +222,7 @@ def record_quietly(conn: Any, db: str, table: str, tool: str, params: dict[str, 
 
     db, name = table_place(table, db)
     try:
-        record_load(conn, db, name, tool, params, by)
+        record_load(conn, db, name, tool, params, by, catalog_lock(session, db))
     except psycopg.Error as e:
         return (f"the table was loaded, but its entry in {db}.public.{CATALOG_TABLE} could not "
                 f"be recorded ({e.diag.message_primary or type(e).__name__}); if that table is "
@@ -164,18 +231,19 @@ def record_quietly(conn: Any, db: str, table: str, tool: str, params: dict[str, 
 
 
 def recorded(work: Callable[[Any], dict[str, Any]], tool: str, params: dict[str, Any],
-             by: str | None, keys: tuple[str, str] = ("table", "database")
-             ) -> Callable[[Any], dict[str, Any]]:
+             by: str | None, keys: tuple[str, str] = ("table", "database"),
+             session: Any = None) -> Callable[[Any], dict[str, Any]]:
     """
     C{work} (a load, whose result names the table and its database under
     C{keys}) followed, on the same connection and in the same durable call,
-    by the catalog's record of it.
+    by the catalog's record of it; C{session}: the one whose databases
+    these are (for L{catalog_lock}).
     """
 
     def run(conn: Any) -> dict[str, Any]:
         result = work(conn)
         table, database = (result[key] for key in keys)
-        note = record_quietly(conn, database, table, tool, params, by)
+        note = record_quietly(conn, database, table, tool, params, by, session)
         if note is not None:
             result["notes"] = [*result.get("notes", []), note]
         return result
@@ -228,7 +296,11 @@ def entry_of(conn: Any, db: str, table: str) -> dict[str, Any] | None:
 # -- the tools -----------------------------------------------------------------
 
 class CatalogTools:
-    """copy_query, load_iceberg and set_table_metadata over a session's L{Tools}."""
+    """
+    copy_query, load_iceberg and set_table_metadata over a session's
+    L{Tools} (C{kit.tools}: touched only while a request is handled, never
+    from the work that runs on the session's worker thread).
+    """
 
     def __init__(self, tools: Any) -> None:
         self.tools = tools
@@ -278,7 +350,7 @@ class CatalogTools:
 
         return defer.ensureDeferred(self._with_attached(
             specs, recorded(work, "copy_query", params, self._by,
-                            ("target_table", "target_database")), db))
+                            ("target_table", "target_database"), self.tools.session), db))
 
     def _temp_specs(self, temp_attach: Any) -> list[dict[str, Any]]:
         if temp_attach is None:
@@ -359,7 +431,8 @@ class CatalogTools:
             return {"table": table, "database": db, **put, "columns": columns,
                     "source": str(root)}
 
-        return self.tools._call(recorded(work, "load_iceberg", params, self._by),
+        return self.tools._call(recorded(work, "load_iceberg", params, self._by,
+                                         session=self.tools.session),
                                 writes={db}, parameter="path",
                                 hint="path must be the root folder of an Apache Iceberg "
                                      "table, the one holding metadata/ and data/")
@@ -386,24 +459,29 @@ class CatalogTools:
         by = self._by
         where, name = table_place(table, db) if isinstance(table, str) else (db, table)
 
-        def work(conn: Any) -> dict[str, Any]:
-            _table_to_read(conn, table, db)
+        catalog = catalog_reference(where)
+        values = [(v if v != "" else None) for v in given.values()]
+        assignments = ", ".join(f"{k} = %s" for k in given)
+        reference = f"{quote_identifier(where)}.public.{quote_identifier(name)}"
+        lock = catalog_lock(self.tools.session, where)
+
+        def write(conn: Any) -> None:
             _ensure_catalog(conn, where)
-            catalog = catalog_reference(where)
-            values = [(v if v != "" else None) for v in given.values()]
-            assignments = ", ".join(f"{k} = %s" for k in given)
+            rows = conn.execute(f"SELECT count(*) FROM {reference}").fetchone()[0]
             with conn.transaction():
                 updated = conn.execute(
                     f"UPDATE {catalog} SET {assignments}, last_modified_by = %s "
                     f"WHERE table_name = %s", (*values, by, name)).rowcount
                 if not updated:
-                    reference = f"{quote_identifier(where)}.public.{quote_identifier(name)}"
-                    rows = conn.execute(f"SELECT count(*) FROM {reference}").fetchone()[0]
                     conn.execute(
                         f"INSERT INTO {catalog} (table_name, {', '.join(given)}, loaded_at, "
                         f"last_refreshed_at, row_count, created_by, last_modified_by) VALUES "
                         f"(%s, {', '.join('%s' for _ in given)}, {NOW_UTC}, {NOW_UTC}, %s, %s, "
                         f"%s)", (name, *values, rows, by, by))
+
+        def work(conn: Any) -> dict[str, Any]:
+            _table_to_read(conn, table, db)
+            _one_writer_at_a_time(lambda: write(conn), lock)
             return {"table": name, "database": where, "catalog": entries(conn, where)[name]}
 
         return self.tools._call(work, writes={where}, parameter="table")

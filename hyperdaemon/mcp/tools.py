@@ -783,7 +783,7 @@ class Tools:
             return work
         from hyperdaemon.mcp.catalog import recorded
 
-        return recorded(work, *record, self.client)
+        return recorded(work, *record, self.client, session=self.session)
 
     # one-shot analysis
 

@@ -11,12 +11,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+import pytest_twisted
+
 from mcp_support import McpTestCase, ToolCallError
 
 #: The table of the catalog, in each database.
 CATALOG = "_table_catalog"
 #: Rows of the data file that every tool is tried on.
 ROWS = 1000
+#: Connections writing the catalog at once, and the writes of each: without
+#: turns, hyperd crashed in most runs of this size.
+WRITERS, WRITES = 8, 60
 
 
 def thousand_rows_csv(path: Path) -> Path:
@@ -349,6 +354,59 @@ class CatalogTests(CatalogTestCase):
 
         self.drive(go())
 
+    def test_load_files_records_every_table_though_they_load_at_once(self) -> None:
+        paths = []
+        for n in range(6):
+            paths.append(self.tmp / f"part{n}.csv")
+            paths[-1].write_text("k,v\n" + "".join(f"{i},{i * n}\n" for i in range(100 + n)))
+
+        async def go() -> None:
+            async with self.server() as s:
+                loaded = await self.call(
+                    s, "load_files", concurrency=6, persist=True,
+                    files=[{"table": p.stem, "path": str(p)} for p in paths])
+                self.assertEqual(loaded["summary"]["succeeded"], len(paths), loaded)
+                self.assertFalse([r["notes"] for r in loaded["results"] if r.get("notes")])
+                described = await self.call(s, "describe", database="persistent")
+                counts = {t["table"]: t["catalog"]["row_count"] for t in described["tables"]}
+                self.assertEqual(counts, {p.stem: 100 + n for n, p in enumerate(paths)})
+
+        self.drive(go())
+
+    def test_assistants_loading_at_once_share_one_catalog_and_hyperd_survives(self) -> None:
+        # Concurrent UPDATEs of one table from several connections can crash
+        # hyperd: every catalog write takes its turn, within a server and
+        # across servers.
+        import asyncio
+
+        from support import status
+
+        rounds, per_server = 3, 6
+        paths = {}
+        for who in ("a", "b"):
+            for n in range(per_server):
+                paths[f"{who}{n}"] = self.tmp / f"{who}{n}.csv"
+                paths[f"{who}{n}"].write_text("k,v\n" + "".join(f"{i},x{i}\n"
+                                                               for i in range(50 + n)))
+
+        async def load(session: Any, who: str) -> None:
+            for _ in range(rounds):
+                loaded = await self.call(
+                    session, "load_files", concurrency=per_server, persist=True,
+                    files=[{"table": name, "path": str(path)} for name, path in paths.items()
+                           if name.startswith(who)])
+                self.assertEqual(loaded["summary"]["failed"], 0, loaded)
+
+        async def go() -> None:
+            async with self.server() as a, self.server() as b:
+                await asyncio.gather(load(a, "a"), load(b, "b"))
+                described = await self.call(a, "describe", database="persistent")
+                counts = {t["table"]: t["catalog"]["row_count"] for t in described["tables"]}
+                self.assertEqual(counts, {name: 50 + int(name[1:]) for name in paths})
+            self.assertEqual(status(self.ports[0])["restarts"], 0)
+
+        self.drive(go())
+
     def test_set_table_metadata_writes_prose_that_outlives_reloads(self) -> None:
         async def go() -> None:
             async with self.server() as s:
@@ -428,3 +486,49 @@ class CatalogTests(CatalogTestCase):
                 self.assertIsNone(kept["catalog"]["purpose"])
 
         self.drive(go())
+
+
+@pytest_twisted.ensureDeferred
+async def test_catalog_writes_from_many_connections_at_once_leave_hyperd_running(
+        clients: Any) -> None:
+    """
+    Concurrent UPDATEs of one table from several connections can crash
+    hyperd (SIGSEGV): catalog writes take turns (load_files records from
+    several connections at once).
+    """
+    import threading
+
+    from twisted.internet.threads import deferToThread
+
+    from hyperdaemon.client.session import connect_hyperd
+    from hyperdaemon.mcp import catalog
+
+    session = await clients.open()
+    await session.execute([f"CREATE TABLE t{i} (a int)" for i in range(WRITERS)])
+    credentials, local = session.credentials, session.ephemeral_db
+    failures: list[BaseException] = []
+
+    def write(i: int) -> None:
+        conn = connect_hyperd(credentials)
+        try:
+            conn.execute(f'ATTACH DATABASE "{local}" AS local')
+            for k in range(WRITES):
+                catalog.record_load(conn, "local", f"t{i}", "load_file", {"k": k}, None)
+        except BaseException as e:
+            failures.append(e)
+        finally:
+            conn.close()
+
+    def write_at_once() -> None:
+        threads = [threading.Thread(target=write, args=(i,)) for i in range(WRITERS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    await deferToThread(write_at_once)
+    assert failures == []
+    assert clients.daemon_status()["restarts"] == 0
+    rows = (await session.query("SELECT table_name, load_params FROM local.public."
+                                "_table_catalog ORDER BY 1")).rows
+    assert rows == [(f"t{i}", f'{{"k": {WRITES - 1}}}') for i in range(WRITERS)]
