@@ -651,6 +651,7 @@ QUERY_NAME = ("The saved query's name: 1 to 128 letters, digits, _, . or -; it n
 QUERY_SQL = ("The statement to save: one read-only statement (SELECT, WITH, VALUES, EXPLAIN "
              "or SHOW) in Hyper's PostgreSQL dialect; tables it names need not exist yet.")
 QUERY_DESCRIPTION = "What the query answers, in a sentence. Default: none."
+DELETE_NAME = "The saved query's name, as given to save_query."
 
 
 def register(kit: Any) -> None:
@@ -880,7 +881,7 @@ def register(kit: Any) -> None:
         return await call(memory.save_query, name=name, sql=sql, description=description)
 
     @tool("Delete a saved query", write)
-    async def delete_query(name: Arg(str, "The saved query's name, as given to save_query.")
-                           ) -> Annotated[CallToolResult, QueryDeleted]:
+    async def delete_query(name: Arg(str, DELETE_NAME)) -> Annotated[CallToolResult,
+                                                                     QueryDeleted]:
         """Delete a saved query; a name that is not saved is deleted=false, not an error."""
         return await call(memory.delete_query, name=name)
