@@ -24,6 +24,8 @@ conflict.  So every write of these tools to a database other than C{local}
 holds an exclusive C{flock} beside the database's file (C{.NAME.memory.lock},
 L{memory_lock_path}) for the length of its transaction: C{kv_set}'s
 look-then-write, C{kv_set_many}, C{kv_pop}, C{save_query}'s duplicate check.
+(Taking turns also spares C{hyperd} concurrent UPDATEs of one table, which
+crash it: see L{hyperdaemon.mcp.catalog}.)
 C{kv_pop} is moreover one C{DELETE ... RETURNING} statement, retried on a
 conflict: even a writer that does not take the lock (SQL through
 C{execute}) cannot make it hand one entry to two callers.
