@@ -412,16 +412,22 @@ class LoadFilesTests(FilesTestCase):
                                                 "FROM persistent.public.from_arrow), (SELECT "
                                                 "count(*) FROM persistent.public.events)")
                 self.assertEqual(counted["rows"], [[1000, 1000, 5]])
-                # Appending and replacing go on as load_file's modes.
+                # Appending and replacing go on as load_file's modes; loads into
+                # one table run in turn, in the order given.
                 again = await c("load_files", concurrency=1, database="persistent",
                                 files=[{"table": "events", "path": str(lines),
                                         "mode": "append"},
                                        {"table": "people", "path": str(self.csv)}])
                 self.assertEqual(again["summary"]["concurrency"], 1)
+                twice = await c("load_files", database="persistent", files=[
+                    {"table": "events", "path": str(lines)},
+                    {"table": "events", "path": str(lines), "mode": "append"},
+                    {"table": "Events", "path": str(lines), "mode": "append"}])
+                self.assertEqual(twice["summary"]["succeeded"], 3, twice)
                 counted = await c("query", sql="SELECT (SELECT count(*) FROM "
                                                 "persistent.public.events), (SELECT count(*) "
                                                 "FROM persistent.public.people)")
-                self.assertEqual(counted["rows"], [[10, 3]])
+                self.assertEqual(counted["rows"], [[15, 3]])
 
         self.drive(go())
 
@@ -527,6 +533,13 @@ def test_concurrency_defaults_to_the_files_and_never_exceeds_them_or_the_cap() -
     for bad in (0, -2, False, "4"):
         with pytest.raises(ToolFailure, match="concurrency"):
             concurrency_for(bad, 4)
+
+
+def test_loads_into_one_table_are_grouped_to_run_in_turn_in_the_order_given() -> None:
+    from hyperdaemon.mcp.files import same_table_groups
+
+    files = [{"table": "a"}, {"table": "b"}, {"table": "A"}, {"table": "c"}, {"table": "a "}]
+    assert same_table_groups(files) == [[0, 2, 4], [1], [3]]
 
 
 def test_sql_type_names_hyperd_types_as_schema_takes_them() -> None:
