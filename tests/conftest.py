@@ -201,7 +201,9 @@ def _leaked_hosts(base: Path) -> dict[int, str]:
             continue
         if "hyperdaemon.mcp.host" not in argv or "--state-dir" not in argv[:-1]:
             continue
-        if argv[argv.index("--state-dir") + 1].startswith(str(base)) and pid_alive(int(entry)):
+        where = Path(argv[argv.index("--state-dir") + 1])
+        # Only this run's: other runs (other pytest sessions) have their own.
+        if where.is_relative_to(base) and pid_alive(int(entry)):
             found[int(entry)] = " ".join(argv).strip()
     return found
 

@@ -1201,19 +1201,24 @@ class Session:
         if self._closed:
             raise SessionError("the session is closed")
 
-    def close(self) -> defer.Deferred[None]:
+    def close(self, keep_ephemeral: bool = False) -> defer.Deferred[None]:
         """
         End the session: cancel the statement under way, detach and delete
         the ephemeral database, tell the daemon, stop what was started.
         Persistent data stays.  If the ephemeral database could not be
         dropped, the daemon is left to drop it (no C{BYE}).
+
+        With C{keep_ephemeral}, the ephemeral database is only detached:
+        it belongs to a process that lives on (an MCP host's launcher, whose
+        next host attaches it again), and the daemon drops it once that
+        process is gone.
         """
         if self._closed:
             return defer.succeed(None)
         self._closed = True
-        return defer.ensureDeferred(self._close())
+        return defer.ensureDeferred(self._close(keep_ephemeral))
 
-    async def _close(self) -> None:
+    async def _close(self, keep_ephemeral: bool = False) -> None:
         dropped = False
         if self._pool.started:
             connection = self._connection
@@ -1221,12 +1226,14 @@ class Session:
                 # A long statement would hold the drop (and the exit) up.
                 await self._cancel_until_idle(connection)
             try:
-                dropped = await self._in_worker(self._drop_ephemeral)
+                dropped = await self._in_worker(self._drop_ephemeral, not keep_ephemeral)
             except Exception as e:
                 _log.warn("could not drop {path}: {error}", path=str(self.ephemeral_db), error=e)
         await self._source.close(clean=dropped)
         if self._pool.started:
             await deferToThread(self._pool.stop)
+        if keep_ephemeral:
+            return
         if dropped or not self._source.cleans_up_after_us():
             await deferToThread(shutil.rmtree, self.ephemeral_db.parent, True)
 
@@ -1244,8 +1251,11 @@ class Session:
             await deferToThread(_cancel, connection)
             await deferLater(self._reactor, CANCEL_AGAIN_AFTER, lambda: None)
 
-    def _drop_ephemeral(self) -> bool:
-        """Let go of every database, then drop ours; whether it is gone."""
+    def _drop_ephemeral(self, drop: bool = True) -> bool:
+        """
+        Let go of every database, then drop ours (unless not C{drop}: the
+        connection only closes); whether it is gone.
+        """
         try:
             self._let_go_all()
         except Exception as e:
@@ -1254,6 +1264,9 @@ class Session:
             shared.close()
         connection, self._connection = self._connection, None
         if connection is None or connection.closed:
+            return False
+        if not drop:
+            connection.close()
             return False
         try:
             connection.execute(f"DETACH DATABASE {EPHEMERAL_ALIAS}")

@@ -46,6 +46,8 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from hyperdaemon.mcp.launcher import Lines
+
 #: The most a settings line may hold.
 SETTINGS_LIMIT = 256 * 1024
 #: The longest MCP message line a launcher may send (a load_data's data).
@@ -206,7 +208,8 @@ class McpHost:
         self.connections: set[LauncherConnection] = set()
         self._listening: Any = None
         self.server: Any = None
-        self._stopping = False
+        #: The host is stopping: its sessions end, their launchers do not.
+        self.stopping = False
 
     @property
     def socket_path(self) -> Path:
@@ -293,7 +296,7 @@ class McpHost:
         """Stop listening and close every session; a Deferred that fires when done."""
         from twisted.internet import defer
 
-        self._stopping = True
+        self.stopping = True
         waits = [c.end() for c in list(self.connections)]
         listening, self._listening = self._listening, None
         if listening is not None:
@@ -322,6 +325,7 @@ class LauncherConnection(Protocol):
         self._name: str | None = None
         self._ephemeral: str | None = None
         self._ended: Any = None
+        self._lines = Lines()
 
     def connectionMade(self) -> None:
         try:
@@ -416,9 +420,7 @@ class LauncherConnection(Protocol):
         from mcp.shared.message import SessionMessage
         from mcp.types import jsonrpc_message_adapter
 
-        self._buffer += data
-        while b"\n" in self._buffer:
-            line, self._buffer = self._buffer.split(b"\n", 1)
+        for line in self._lines.feed(data):
             if not line.strip():
                 continue
             try:
@@ -430,7 +432,7 @@ class LauncherConnection(Protocol):
                 self._incoming.send_nowait(message)
             except Exception:  # the server has stopped reading: the session ends
                 break
-        if len(self._buffer) > MESSAGE_LIMIT:
+        if self._lines.pending > MESSAGE_LIMIT:
             self.transport.loseConnection()
 
     async def _serve(self, settings: LauncherSettings) -> None:
@@ -482,7 +484,9 @@ class LauncherConnection(Protocol):
             incoming, received = anyio.create_memory_object_stream(math.inf)
             outgoing, to_send = anyio.create_memory_object_stream(0)
             self._incoming = incoming
-            self._feed(b"")
+            self._lines = Lines()
+            self._feed(self._buffer)
+            self._buffer = b""
             if self._eof:
                 incoming.close()
                 self._incoming = None
@@ -510,7 +514,10 @@ class LauncherConnection(Protocol):
             if tools is not None:
                 tools.stop()
             try:
-                await _as_future(session.close())
+                # The launcher ended its session: its scratch database goes.
+                # The host is stopping (its daemon stops or died): the
+                # launcher lives on, and its next host attaches it again.
+                await _as_future(session.close(keep_ephemeral=host.stopping))
             finally:
                 host.connections.discard(self)
                 if not self._lost and self.transport is not None:

@@ -262,6 +262,33 @@ def reach_host(options, environ, ephemeral_db: "str | None" = None
         raise
 
 
+class Lines:
+    """
+    Cuts a byte stream into lines, keeping the pieces of an unfinished line
+    apart until its end comes: a 64 MB message is joined once, not copied
+    again with each piece.
+    """
+
+    def __init__(self) -> None:
+        self._parts: list = []
+        #: Bytes of the unfinished line.
+        self.pending = 0
+
+    def feed(self, data: bytes) -> list:
+        """The lines that C{data} completes, without their ends."""
+        if b"\n" not in data:
+            if data:
+                self._parts.append(data)
+                self.pending += len(data)
+            return []
+        first, *rest = data.split(b"\n")
+        tail = rest.pop()
+        lines = [b"".join([*self._parts, first]), *rest]
+        self._parts = [tail] if tail else []
+        self.pending = len(tail)
+        return lines
+
+
 class Relay:
     """
     Copies stdin to the host and the host to stdout, unchanged, and keeps
@@ -277,8 +304,8 @@ class Relay:
         self._options = options
         self._environ = environ
         self._to_stdout = first
-        self._from_stdin = b""
-        self._from_host = b""
+        self._from_stdin = Lines()
+        self._from_host = Lines()
         self.initialize: "bytes | None" = None
         self.initialized: "bytes | None" = None
         self.in_flight: dict = {}
@@ -372,9 +399,7 @@ class Relay:
                     self._recover()
 
     def _client_data(self, data: bytes) -> None:
-        self._from_stdin += data
-        *lines, self._from_stdin = self._from_stdin.split(b"\n")
-        for line in lines:
+        for line in self._from_stdin.feed(data):
             if line.strip():
                 self._note_from_client(line)
         try:
@@ -383,9 +408,8 @@ class Relay:
             pass  # the host is gone: the read side sees it and recovers
 
     def _host_data(self, data: bytes) -> None:
-        self._from_host += self._to_stdout + data
+        lines = self._from_host.feed(self._to_stdout + data)
         self._to_stdout = b""
-        *lines, self._from_host = self._from_host.split(b"\n")
         out = [line + b"\n" for line in lines if self._from_host_line(line)]
         if out:
             self._write_stdout(b"".join(out))
@@ -399,7 +423,7 @@ class Relay:
     def _recover(self) -> None:
         """The host went away: answer what was in flight, reach a host again, replay."""
         self.sock.close()
-        self._from_host = b""
+        self._from_host = Lines()
         answers = b"".join(
             json.dumps({"jsonrpc": "2.0", "id": request_id,
                         "error": {"code": RETRY_CODE, "message": RETRY_MESSAGE}},

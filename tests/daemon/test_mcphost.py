@@ -18,7 +18,7 @@ from twisted.internet import reactor
 
 from hyperdaemon.daemon.mcphost import McpHostSupervisor, McpHostUnavailable
 from hyperdaemon.daemon.supervisor import RestartBudget
-from support import QUICK, pid_alive, until
+from support import QUICK, pid_alive, until, wait_for
 
 #: A host that is ready at once, reports one session, and exits when its
 #: stdin (the daemon's pipe) closes, even when asked to stop by SIGTERM
@@ -118,9 +118,12 @@ def test_the_leak_check_finds_a_host_of_this_run_even_unmarked(
          "--state-dir", str(base / "some-test" / "state")],
         stdin=subprocess.PIPE, env=environ)
     try:
-        found = _leaked_hosts(base)
-        assert stray.pid in found and "hyperdaemon.mcp.host" in found[stray.pid]
-        assert _leaked_hosts(base / "elsewhere") == {}
+        found = wait_for(lambda: _leaked_hosts(base).get(stray.pid), QUICK,
+                         "the stray host to be found")
+        assert "hyperdaemon.mcp.host" in found
+        # Not another run's: a folder whose name merely starts the same.
+        for other in (base / "elsewhere", Path(str(base)[:-1])):
+            assert stray.pid not in _leaked_hosts(other), other
     finally:
         stray.stdin.close()
         stray.wait(QUICK)
