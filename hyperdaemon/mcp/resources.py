@@ -362,7 +362,7 @@ def serve(server: Any, kit: Any) -> None:
         return _dumps(await checked(query_result(tools, name)))
 
     _list_each_table_and_query(server, tools)
-    _announce_changes(server)
+    _announce_changes(server, kit)
 
 
 def _list_each_table_and_query(server: Any, tools: Any) -> None:
@@ -409,26 +409,33 @@ def _list_each_table_and_query(server: Any, tools: Any) -> None:
     server.list_resources = list_resources
 
 
-def _announce_changes(server: Any) -> None:
+def _announce_changes(server: Any, kit: Any) -> None:
     """
     After a tool that may change data succeeds, tell the client that the
     resource list may have changed, and that each resource it subscribed to
     may have; serve C{resources/subscribe} and C{resources/unsubscribe}.
     """
+    import weakref
+
     import mcp.types as types
     from mcp.server.lowlevel.server import NotificationOptions
     from mcp.shared.subscriptions import ResourcesListChanged, ResourceUpdated
 
     lowlevel = server._lowlevel_server
-    subscribed: set[str] = set()
+    # Per session: one server may serve several (the MCP host), each with
+    # its own client and its own subscriptions.
+    by_session: "weakref.WeakKeyDictionary[Any, set[str]]" = weakref.WeakKeyDictionary()
     read_only: dict[str, bool] = {}
 
+    def subscribed() -> set[str]:
+        return by_session.setdefault(kit.tools.session, set())
+
     async def subscribe(ctx: Any, params: Any) -> Any:
-        subscribed.add(str(params.uri))
+        subscribed().add(str(params.uri))
         return types.EmptyResult()
 
     async def unsubscribe(ctx: Any, params: Any) -> Any:
-        subscribed.discard(str(params.uri))
+        subscribed().discard(str(params.uri))
         return types.EmptyResult()
 
     lowlevel.add_request_handler("resources/subscribe", types.SubscribeRequestParams,
@@ -466,11 +473,11 @@ def _announce_changes(server: Any) -> None:
             if ctx.protocol_version in MODERN_PROTOCOL_VERSIONS:
                 bus = server._subscriptions
                 await bus.publish(ResourcesListChanged())
-                for uri in sorted(subscribed):
+                for uri in sorted(subscribed()):
                     await bus.publish(ResourceUpdated(uri=uri))
             else:
                 await ctx.session.send_resource_list_changed()
-                for uri in sorted(subscribed):
+                for uri in sorted(subscribed()):
                     await ctx.session.send_resource_updated(uri)
         except Exception as e:  # an announcement must never fail the call
             import sys
