@@ -260,3 +260,17 @@ class SavedQueryResourceTests(ResourceTestCase):
         message = self.drive(go())
         self.assertIn("no saved query 'nope'", message)
         self.assertIn("save_query", message)
+
+
+class SubscriptionTests(ResourceTestCase):
+    def test_one_clients_subscriptions_are_not_announced_to_another(self) -> None:
+        async def go() -> list[Any]:
+            async with self.watched() as (first, _, _):
+                async with self.watched() as (second, received, _):
+                    await first.subscribe_resource("hyper://tables")
+                    await self.call(second, "execute", sql=["CREATE TABLE t (a int)"])
+                    return [getattr(m, "root", m) for m in received]
+
+        methods = [getattr(m, "method", None) for m in self.drive(go())]
+        self.assertIn("notifications/resources/list_changed", methods)
+        self.assertNotIn("notifications/resources/updated", methods)
