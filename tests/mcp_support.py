@@ -17,10 +17,15 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from support import READY_TIMEOUT, client_environment, stop_daemon_on
 
+#: Upstream's 33 tools (hyperdb-mcp 0.7.3), which ours has by the same names.
 UPSTREAM_TOOLS = {
     "query", "execute", "load_data", "load_file", "query_data", "query_file", "describe",
     "sample", "attach_database", "detach_database", "list_attached_databases", "export",
     "status", "get_readme",
+    "inspect_file", "load_files", "copy_query", "load_iceberg", "set_table_metadata",
+    "watch_directory", "unwatch_directory", "chart",
+    "kv_set", "kv_set_many", "kv_get", "kv_list", "kv_list_stores", "kv_size", "kv_pop",
+    "kv_delete", "kv_clear", "save_query", "delete_query",
 }
 
 CSV = "city,population,area\nLyon,522000,47.87\nNice,342000,71.92\nBrest,139000,49.51\n"

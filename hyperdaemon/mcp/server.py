@@ -66,8 +66,8 @@ INLINE_FORMAT = ("The format of `data`: `csv`, `json` (an array of objects) or `
                  "(JSON lines). Default: guessed, JSON when the data starts with [ or {, "
                  "CSV otherwise.")
 FILE_PATH = ("The file to read, by absolute path: .csv (with a header line), .json (an "
-             "array of objects), .jsonl or .ndjson (JSON lines), or .parquet. The "
-             "extension tells the format.")
+             "array of objects), .jsonl or .ndjson (JSON lines), .parquet, or Arrow IPC "
+             "(.arrow, .feather, .ipc). The extension tells the format.")
 JSON_EXTRACT_PATH = ("Where the records are inside a JSON document, as a dot-separated "
                      "path of keys, with numbers indexing arrays: `data.items`, "
                      "`results.0.rows`. Default: the document itself is the array of "
@@ -91,8 +91,10 @@ SAMPLE_SIZE = ("How many rows to return, from 0 (the columns only) to 200; more 
                "with a note. Default 10.")
 EXPORT_PATH = ("Where to write the file, by absolute path, in a folder that exists. An "
                "existing file is replaced only with overwrite=true.")
-EXPORT_FORMAT = ("The file's format: `csv` (with a header line), `parquet`, or `hyper` (a "
-                 "new Hyper database holding one table).")
+EXPORT_FORMAT = ("The file's format: `csv` (with a header line), `parquet`, `arrow_ipc` (an "
+                 "Arrow IPC stream), or `hyper` (a new Hyper database holding one table); "
+                 "`iceberg` writes an Apache Iceberg table, a folder at path holding "
+                 "metadata/ and data/.")
 EXPORT_SQL = ("A read-only query whose rows to write. Give either sql or table, not "
               "both; neither has a default.")
 EXPORT_TABLE = ("A table whose rows to write, plain (looked up in `database`) or in full. "
@@ -325,7 +327,11 @@ def client_label(info: Any) -> str | None:
 #: Modules that add a family of tools (and resources or prompts) to the
 #: server: each has C{register(kit)}, called before the server is made, and
 #: may have C{serve(server, kit)}, called once it is made.
-FAMILIES: tuple[str, ...] = ()
+FAMILIES: tuple[str, ...] = ("hyperdaemon.mcp.watch", "hyperdaemon.mcp.chart",
+                              "hyperdaemon.mcp.resources",
+                              "hyperdaemon.mcp.files", "hyperdaemon.mcp.catalog",
+                              "hyperdaemon.mcp.memory", "hyperdaemon.mcp.prompts",
+                              "hyperdaemon.mcp.progress", "hyperdaemon.mcp.serverlog",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -472,6 +478,9 @@ def build_server(tools: Any, name_session: Callable[[str], None] | None = None) 
         persistent_db: str | None = None
         daemon_port: int | None = None
         daemon_version: str | None = None
+        served_by: str | None = Field(
+            None, description="`mcp host` (the user's one MCP host process serves this "
+                              "session) or `in-process` (this server's own process).")
 
     class Readme(Result):
         """The guide."""
@@ -717,7 +726,11 @@ def build_server(tools: Any, name_session: Callable[[str], None] | None = None) 
                     tools=list(registered.values()))
 
     if name_session is not None:
-        named: dict[str, str] = {}
+        import weakref
+
+        # By session (C{tools.session} is the one being served): one server
+        # may serve many (the MCP host).
+        named: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
 
         async def learn_client_name(ctx: Any, call_next: Any) -> Any:
             outcome = await call_next(ctx)
@@ -730,8 +743,9 @@ def build_server(tools: Any, name_session: Callable[[str], None] | None = None) 
                     params = ctx.session.client_params
                     info = params.client_info if params is not None else None
                 label = client_label(info) if info is not None else None
-                if label is not None and named.get("name") != label:
-                    named["name"] = label
+                session = tools.session
+                if label is not None and named.get(session) != label:
+                    named[session] = label
                     name_session(label)
             except Exception as e:  # a label must never fail a request
                 print(f"hyperdb-mcp: could not name the session: {e}", file=sys.stderr)
@@ -797,6 +811,7 @@ def run(options: dict[str, Any]) -> int:
                 return {
                     "daemon_port": address.port if address else None,
                     "daemon_version": address.version if address else None,
+                    "served_by": "in-process",
                 }
 
             tools = Tools(session, read_only=bool(options.get("read_only")),

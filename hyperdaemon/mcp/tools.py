@@ -496,11 +496,11 @@ def _result_cursor(conn: Any) -> Any:
 
 def file_format(path: Path, fmt: str | None = None) -> str:
     fmt = (fmt or path.suffix.lstrip(".")).lower()
-    fmt = {"ndjson": "jsonl", "pq": "parquet"}.get(fmt, fmt)
-    if fmt not in ("csv", "json", "jsonl", "parquet"):
+    fmt = {"ndjson": "jsonl", "pq": "parquet", "feather": "arrow", "ipc": "arrow"}.get(fmt, fmt)
+    if fmt not in ("csv", "json", "jsonl", "parquet", "arrow"):
         raise ToolFailure(
             f"path: cannot tell the format of {path.name} from its name; name the file .csv, "
-            f".json, .jsonl or .parquet")
+            f".json, .jsonl, .parquet or .arrow (Arrow IPC; .feather and .ipc too)")
     return fmt
 
 
@@ -523,6 +523,8 @@ class Tools:
         #: Who the session serves ("name version" of the MCP client), once
         #: known: the table catalog's created_by (L{hyperdaemon.mcp.catalog}).
         self.client: str | None = None
+        #: Folders watched by watch_directory, by path (L{hyperdaemon.mcp.watch}).
+        self.watches: dict[str, Any] = {}
 
     # helpers
 
@@ -694,8 +696,12 @@ class Tools:
         record = ("load_file", {"path": str(source), "mode": mode, "schema": schema,
                                 "json_extract_path": json_extract_path,
                                 "merge_key": keys or None, "database": db})
-        if fmt == "parquet":
-            return self._load_parquet(table, db, source, mode, keys, record=record)
+        if fmt == "arrow" and schema:
+            raise ToolFailure("schema: an Arrow file carries its own column types, which the "
+                              "load keeps; leave schema out (change a type afterwards with "
+                              "execute: ALTER TABLE, or CREATE TABLE ... AS with casts)")
+        if fmt in ("parquet", "arrow"):
+            return self._load_parquet(table, db, source, mode, keys, fmt, record=record)
         loader = self._file_loader(source, fmt, schema, json_extract_path)
         return self._load(table, db, loader, mode, source=str(source), keys=keys,
                           record=record)
@@ -703,10 +709,19 @@ class Tools:
     def stop(self) -> None:
         """
         The server is shutting down: a load under way ends at its next step,
-        without finishing.  (Closing the session cancels the statement that
-        hyperd runs meanwhile.)
+        without finishing, and watched folders are no longer watched.
+        (Closing the session cancels the statement that hyperd runs
+        meanwhile.)
         """
         self._stopping.set()
+        for watch in self.watches.values():
+            watch.stop()
+        self.watches.clear()
+
+    @property
+    def stopping(self) -> threading.Event:
+        """Set once L{stop} was called: work under way ends at its next step."""
+        return self._stopping
 
     def _inline_loader(self, data: str, fmt: str | None,
                        schema: dict[str, str] | None) -> Any:
@@ -725,16 +740,22 @@ class Tools:
                       self.session.ephemeral_db.parent, self._stopping)
 
     def _load_parquet(self, table: str, db: str, source: Path, mode: str,
-                      keys: list[str],
+                      keys: list[str], fmt: str = "parquet",
                       record: tuple[str, dict[str, Any]] | None = None
                       ) -> defer.Deferred[dict[str, Any]]:
+        from hyperdaemon.mcp.loading import file_rows
+
         final = table_reference(table, db)
+        progress = _progress(f"waiting for the session to load {source.name}", 3)
 
         def work(conn: Any) -> dict[str, Any]:
+            progress.step(1, 3, f"reading the rows of {source.name}")
             staging = table_reference(f"{table}__loading_{secrets.token_hex(4)}", db)
-            external = f"external({quote_literal(str(source))})"
             try:
-                conn.execute(f"CREATE TABLE {staging} AS SELECT * FROM {external}")
+                with file_rows(conn, source, fmt, self.session.ephemeral_db.parent,
+                               self._stopping) as external:
+                    conn.execute(f"CREATE TABLE {staging} AS SELECT * FROM {external}")
+                progress.step(2, 3, f"putting the rows in {table}")
                 result = _put_in(conn, staging, final, table, mode, keys=keys)
             except BaseException:
                 _drop_quietly(conn, staging)
@@ -753,8 +774,10 @@ class Tools:
         the tool and parameters that the table catalog records.
         """
         final = table_reference(table, db)
+        progress = _progress(f"waiting for the session to load {source}", 3)
 
         def work(conn: Any) -> dict[str, Any]:
+            progress.step(1, 3, f"reading the rows of {source} and inferring their types")
             staging = table_reference(f"{table}__loading_{secrets.token_hex(4)}", db)
 
             def create(definition: str) -> str:
@@ -763,6 +786,7 @@ class Tools:
 
             try:
                 loaded = loader.load(conn, create)
+                progress.step(2, 3, f"putting the rows in {table}")
                 put = _put_in(conn, staging, final, table, mode, loaded.rows, keys or [])
             except BaseException:
                 _drop_quietly(conn, staging)
@@ -804,11 +828,13 @@ class Tools:
         source = _readable(path)
         fmt = file_format(source)
         names = (table_name,) if table_name else (source.stem, "data")
-        if fmt == "parquet":
-            external = f"external({quote_literal(str(source))})"
+        if fmt in ("parquet", "arrow"):
+            from hyperdaemon.mcp.loading import file_rows
 
             def fill(conn: Any, target: str, made: Callable[[], None]) -> list[str]:
-                conn.execute(f"CREATE TEMPORARY TABLE {target} AS SELECT * FROM {external}")
+                with file_rows(conn, source, fmt, self.session.ephemeral_db.parent,
+                               self._stopping) as external:
+                    conn.execute(f"CREATE TEMPORARY TABLE {target} AS SELECT * FROM {external}")
                 made()
                 return []
 
@@ -911,6 +937,10 @@ class Tools:
             raise ToolFailure(f"alias: no database is attached as {alias!r} (attached with "
                               f"attach_database: {attached}); list_attached_databases shows "
                               f"every alias")
+        watched = sorted(key for key, watch in self.watches.items() if watch.database == alias)
+        if watched:
+            raise ToolFailure(f"alias: a watch_directory of {', '.join(watched)} writes to "
+                              f"{alias!r}; call unwatch_directory first, then detach it")
         d = self.session.detach(alias)
         d.addCallback(lambda _: {"detached": alias})
         return d.addErrback(_explain, "alias", "list_attached_databases shows every alias")
@@ -946,16 +976,18 @@ class Tools:
             from hyperdaemon.mcp.catalog import export_iceberg
 
             return export_iceberg(self, path, sql, table, overwrite, format_options, database)
-        if fmt not in ("csv", "parquet", "hyper"):
-            raise ToolFailure(f"format: {format!r} is not one of csv, parquet, hyper; give one "
-                              f"of those")
+        if fmt not in EXPORT_OPTIONS:
+            raise ToolFailure(f"format: {format!r} is not one of csv, parquet, hyper, "
+                              f"arrow_ipc (an Arrow IPC stream); give one of those")
         options = copy_options(fmt, format_options)
         db = self._database(database)
         select = sql if sql is not None else f"SELECT * FROM {table_reference(table, db)}"
         target = self._export_target(path, bool(overwrite))
         name = table.split(".")[-1] if table else "result"
+        progress = _progress(f"waiting for the session to export to {target}", 2)
 
         def work(conn: Any) -> dict[str, Any]:
+            progress.step(1, 2, f"writing the rows to a file beside {target}")
             with _search_path(conn, db):
                 _require_read_only(conn, select)
                 _export(conn, _one_statement(select), fmt, options, target, name,
@@ -1010,6 +1042,18 @@ class Tools:
         }
         facts.update(self._status_facts())
         return facts
+
+
+def _progress(waiting: str, steps: int) -> Any:
+    """
+    The tool call's progress (L{hyperdaemon.mcp.progress}), told that the
+    first of C{steps} steps is C{waiting}; call on the event loop's thread.
+    """
+    from hyperdaemon.mcp.progress import current_progress
+
+    progress = current_progress()
+    progress.step(0, steps, waiting)
+    return progress
 
 
 class _search_path:
@@ -1536,7 +1580,7 @@ def _table_names(conn: Any, db: str) -> list[str]:
 
 #: The options export takes per format, for errors that list them.
 EXPORT_OPTIONS = {"csv": ("header", "delimiter", "null", "quote"),
-                  "parquet": ("codec", "rows_per_row_group"), "hyper": ()}
+                  "parquet": ("codec", "rows_per_row_group"), "arrow_ipc": (), "hyper": ()}
 #: The Parquet codecs hyperd writes.
 PARQUET_CODECS = ("snappy", "zstd", "gzip", "uncompressed")
 
@@ -1570,6 +1614,8 @@ def copy_options(fmt: str, options: Any) -> str:
                           f"{', '.join(map(repr, unknown))}; {takes}")
     if fmt == "hyper":
         return ""
+    if fmt == "arrow_ipc":
+        return "FORMAT arrowstream"  # an Arrow IPC stream, as upstream writes it
     clauses = [f"FORMAT {fmt}"]
     if fmt == "csv":
         header = options.get("header", True)

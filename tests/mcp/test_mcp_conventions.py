@@ -21,7 +21,8 @@ from mcp_support import CSV, UPSTREAM_TOOLS, McpTestCase, ToolCallError
 
 #: The tools that change nothing, so that they work under --read-only.
 READ_ONLY_TOOLS = {"query", "query_data", "query_file", "describe", "sample",
-                   "list_attached_databases", "status", "get_readme"}
+                   "list_attached_databases", "status", "get_readme", "inspect_file",
+                   "kv_get", "kv_list", "kv_list_stores", "kv_size"}
 #: Words of a library's error text that a model should never read.
 LIBRARY_TEXT = ("pydantic", "http", "validation error", "input should", "input_value",
                 "type=", "[type")
@@ -138,6 +139,11 @@ class HintTests(McpTestCase):
                     "list_attached_databases": {},
                     "status": {},
                     "get_readme": {},
+                    "inspect_file": {"path": str(self.csv)},
+                    "kv_get": {"store": "s", "key": "k"},
+                    "kv_list": {"store": "s"},
+                    "kv_list_stores": {},
+                    "kv_size": {"store": "s"},
                 }
                 reading = {n for n, t in tools.items() if t.annotations.read_only_hint}
                 self.assertEqual(reading, set(examples))
@@ -235,6 +241,8 @@ class StructuredResultTests(McpTestCase):
         from jsonschema import Draft202012Validator
 
         tmp = self.tmp
+        watched = tmp / "watched"
+        watched.mkdir()
 
         async def go() -> None:
             async with self.server() as s:
@@ -258,6 +266,30 @@ class StructuredResultTests(McpTestCase):
                                          "path": str(tmp / "x.hyper"), "on_missing": "create"}),
                     ("list_attached_databases", {}),
                     ("detach_database", {"alias": "x"}),
+                    ("inspect_file", {"path": str(self.csv)}),
+                    ("load_files", {"files": [{"table": "c3", "path": str(self.csv)},
+                                              {"table": "c4", "path": str(tmp / "no.csv")}]}),
+                    ("copy_query", {"sql": "SELECT * FROM cities", "target_table": "c2",
+                                    "mode": "create"}),
+                    ("set_table_metadata", {"table": "cities", "purpose": "tests"}),
+                    ("execute", {"sql": [f"COPY (SELECT 1 AS a) TO '{tmp / 'ice'}' WITH "
+                                         f"(FORMAT iceberg, table_scheme 'filesystem')"]}),
+                    ("load_iceberg", {"table": "ice", "path": str(tmp / "ice")}),
+                    ("kv_set", {"store": "s", "key": "a", "value": "1"}),
+                    ("kv_set_many", {"store": "s", "entries": [{"key": "b", "value": "[2]"}]}),
+                    ("kv_get", {"store": "s", "key": "a"}),
+                    ("kv_list", {"store": "s", "values": True}),
+                    ("kv_list_stores", {}),
+                    ("kv_size", {"store": "s"}),
+                    ("kv_pop", {"store": "s"}),
+                    ("kv_delete", {"store": "s", "key": "b"}),
+                    ("kv_clear", {"store": "s"}),
+                    ("save_query", {"name": "big", "sql": "SELECT * FROM cities"}),
+                    ("delete_query", {"name": "big"}),
+                    ("watch_directory", {"path": str(watched), "table": "dropped"}),
+                    ("unwatch_directory", {"path": str(watched)}),
+                    ("chart", {"sql": "SELECT city, area FROM cities", "chart_type": "bar",
+                               "x": "city", "y": "area"}),
                 ]
                 seen = set()
                 for name, arguments in calls:
@@ -269,7 +301,9 @@ class StructuredResultTests(McpTestCase):
                     Draft202012Validator(schemas[name]).validate(structured)
                     self.assertNotEqual(set(structured), {"result"}, name)
                     if name != "get_readme":
-                        self.assertEqual(json.loads(result.content[0].text), structured, name)
+                        # A chart comes with its image; the JSON is the text.
+                        text = [c.text for c in result.content if c.type == "text"]
+                        self.assertEqual(json.loads(text[0]), structured, name)
                     seen.add(name)
                 self.assertEqual(seen, UPSTREAM_TOOLS)
 
