@@ -161,6 +161,22 @@ SQL analytics over Hyper, shared by every assistant of this user.
 - export(path, format: csv|parquet|hyper, sql? | table?, overwrite?,
   format_options?).
 - status(): mode, daemon, endpoint, session, paths.
+- inspect_file(path): the types, counts, min/max and samples a load would give,
+  without loading. load_files(files: [{table, path, ...}]): several loads at
+  once, each failure in its own entry. Files may also be Arrow IPC (.arrow,
+  .feather, .ipc); export writes arrow_ipc and iceberg too.
+- copy_query(sql, target_table, mode: create|append|replace): a read-only
+  query's rows into a table. load_iceberg(table, path): an Iceberg table.
+- set_table_metadata(table, source_url?, purpose?, ...): notes on where a
+  table came from; describe shows them with what each load recorded.
+- watch_directory(path, table) / unwatch_directory(path): load each file
+  dropped in a folder once its `name.ext.ready` sentinel appears.
+- chart(sql, chart_type: bar|line|scatter|histogram, x?, y?, ...): an image.
+- kv_set/kv_get/kv_list/kv_pop/kv_delete/... (store, key, database?|persist?):
+  JSON notes; persist=true keeps them for the user's other assistants.
+  save_query(name, sql) / delete_query(name): named read-only queries, kept.
+- Resources: hyper://tables, hyper://workspace, hyper://tables/{name}/schema,
+  hyper://queries/{name}/result; prompts: analyze-table, data-quality, ...
 
 ## SQL tips
 - Hyper speaks PostgreSQL's dialect: date_trunc, window functions, CTEs, COPY.
