@@ -41,6 +41,8 @@ PASSED_VARIABLES = ("HYPERDB_STATE_DIR", "HYPERDB_DAEMON_PORT", "HYPERDB_DAEMON_
                     "HYPERDB_PERSISTENT_DB", "HYPERD_PATH", "HOME", "XDG_DATA_HOME")
 #: Set in a spawned daemon's environment: start the host with hyperd.
 START_VAR = "HYPERDAEMON_MCP_HOST"
+#: Set in a launcher that started afresh after its cold start (see L{reach_host}).
+FRESH_VAR = "HYPERDAEMON_LAUNCHER_FRESH"
 #: Seconds the host may take to answer the settings (it opens the session).
 ANSWER_TIMEOUT = 120.0
 #: Seconds between attempts to reach a host again after one went away.
@@ -236,20 +238,32 @@ def cold_start(options, environ) -> str:
         raise NoHost(f"unusable answer to MCP_HOST: {reply}") from None
 
 
-def reach_host(options, environ, ephemeral_db: "str | None" = None
-               ) -> "tuple[socket.socket, dict, bytes]":
+def reach_host(options, environ, ephemeral_db: "str | None" = None,
+               start_afresh: bool = False) -> "tuple[socket.socket, dict, bytes]":
     """
     A connection to a host that has opened this launcher's session (with
     C{ephemeral_db}, its scratch database in a host that died, if given),
     the host's answer, and the first bytes of its MCP stream.
 
+    With C{start_afresh}, a launcher that had to take the cold path (which
+    imports Twisted and more) runs itself again in the same process
+    (C{exec}, same pid, nothing read from stdin yet) once the host
+    answers, so that it lives on with the standard library only.
+
     @raise NoHost: if none can be had.
     @raise Refused: if the host refused the session for the user to fix.
     """
     line = settings_line(options, environ, ephemeral_db)
-    sock = connect(os.path.join(state_dir(environ), SOCKET_NAME))
+    own = os.path.join(state_dir(environ), SOCKET_NAME)
+    sock = connect(own)
     if sock is None:
-        sock = connect(cold_start(options, environ))
+        path = cold_start(options, environ)
+        if start_afresh and path == own and os.environ.get(FRESH_VAR) != "1":
+            os.environ[FRESH_VAR] = "1"  # once: the next start is warm, or stays here
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.execv(sys.executable, sys.orig_argv)
+        sock = connect(path)
         if sock is None:
             raise NoHost("the host's socket does not answer")
     try:
@@ -498,7 +512,7 @@ def launch(options) -> int:
     relay = None
     try:
         try:
-            sock, answer, first = reach_host(options, environ)
+            sock, answer, first = reach_host(options, environ, start_afresh=True)
         except NoHost:
             return _in_process(options)
         except Refused as e:

@@ -90,6 +90,10 @@ class HostTests(McpTestCase):
                                  [(launcher_pid(facts), facts["ephemeral_db"])])
                 # The daemon knows the session by its launcher.
                 self.assertEqual([s["pid"] for s in daemon["sessions"]], [launcher_pid(facts)])
+                # This launcher spawned the daemon (the cold path imports
+                # Twisted), then started afresh with the standard library.
+                maps = Path(f"/proc/{launcher_pid(facts)}/maps").read_text()
+                self.assertFalse("zope" in maps, "the launcher still holds Twisted's imports")
                 return facts
 
         facts = self.drive(go())
