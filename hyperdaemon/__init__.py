@@ -6,7 +6,7 @@ assistant find it (or start it) through its health port and talk to C{hyperd}
 directly over libpq.  See README.md for the commands and files.
 """
 
-__version__ = "1.1.0"
+__version__ = "1.2.0"
 
 #: The first token after C{PONG} in the reply to C{PING}: it names the
 #: protocol family (shared with the upstream Rust daemon), not this package.

@@ -63,9 +63,10 @@ from hyperdaemon.daemon.supervisor import HyperdInstance, HyperdSupervisor
 _log = Logger(namespace="hyperdaemon.daemon")
 
 #: Version of the session commands this daemon speaks (1: SESSION, READY,
-#: BYE; 2: RELEASE too; 3: NAME too); clients look for it in STATUS before they
-#: rely on them.
-SESSION_PROTOCOL = 3
+#: BYE; 2: RELEASE too; 3: NAME too; 4: MCP_HOST, and SESSION's
+#: keep_while_owner_lives); clients look for it in STATUS before they rely
+#: on them.
+SESSION_PROTOCOL = 4
 
 
 def _own_daemon_among(ports: tuple[int, ...]) -> int | None:
