@@ -2,6 +2,6 @@
 
 import sys
 
-from hyperdaemon.cli import main
+from hyperdaemon.mcp.launcher import main  # the launcher without the parser; the rest: cli
 
 sys.exit(main())

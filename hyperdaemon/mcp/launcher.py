@@ -501,6 +501,53 @@ def _in_process(options) -> int:
     return run(options)
 
 
+#: The launcher's switches (C{hyperdaemon.cli}'s top-level flags), by their option names.
+SWITCHES = {"--no-daemon": "no_daemon", "--ephemeral-only": "ephemeral_only",
+            "--read-only": "read_only"}
+#: Its one flag with a value.
+VALUED = "--persistent-db"
+
+
+def launcher_options(argv) -> "dict | None":
+    """
+    The options of a command line that only starts the launcher, as
+    L{hyperdaemon.cli}'s parser gives them; C{None} for any other (a
+    subcommand, C{--help}, an abbreviation, a mistake), which that parser
+    reads, so that it answers as it always did.
+    """
+    options = {"no_daemon": False, "persistent_db": None, "ephemeral_only": False,
+               "read_only": False, "command": None}
+    args = iter(argv)
+    for arg in args:
+        if arg in SWITCHES:
+            options[SWITCHES[arg]] = True
+        elif arg == VALUED:
+            value = next(args, None)
+            if value is None or value.startswith("-"):
+                return None
+            options["persistent_db"] = value
+        elif arg.startswith(VALUED + "="):
+            options["persistent_db"] = arg[len(VALUED) + 1:]
+        else:
+            return None
+    return options
+
+
+def main(argv=None) -> int:
+    """
+    C{hyperdb-mcp}: the launcher, reached without importing the command
+    line's parser (argparse and what it loads cost more than the rest of
+    the warm start); every other command goes to L{hyperdaemon.cli.main}.
+    """
+    argv = sys.argv[1:] if argv is None else list(argv)
+    options = launcher_options(argv)
+    if options is None:
+        from hyperdaemon.cli import main as command_line
+
+        return command_line(argv)
+    return launch(options)
+
+
 def launch(options) -> int:
     """Serve MCP on stdio through the host, or in this process where none can; the exit code."""
     if options.get("no_daemon"):

@@ -27,6 +27,8 @@ from mcp_support import McpTestCase, ToolCallError
 NOBODY = 65534
 #: What the launcher must not import on its warm path.
 HEAVY = ("twisted", "mcp", "pydantic", "psycopg", "attrs", "anyio", "sqlglot")
+#: Standard modules of the full command line that the warm launcher does without.
+SLOW_STANDARD = ("argparse", "gettext", "locale", "shutil", "pathlib", "datetime", "typing")
 
 
 def launcher_pid(facts: dict[str, Any]) -> int:
@@ -64,13 +66,15 @@ class HostTests(McpTestCase):
         return status(self.ports[0])
 
     @contextlib.asynccontextmanager
-    async def launcher(self, *python: str, errlog: Any = None) -> AsyncIterator[Any]:
-        """An initialized client of C{python ... -m hyperdaemon}, stderr to C{errlog}."""
+    async def launcher(self, *python: str, errlog: Any = None,
+                       flags: tuple[str, ...] = ()) -> AsyncIterator[Any]:
+        """An initialized client of C{python ... -m hyperdaemon flags...}, stderr to C{errlog}."""
         from mcp.client.session import ClientSession
         from mcp.client.stdio import StdioServerParameters, stdio_client
 
         params = StdioServerParameters(command=sys.executable,
-                                       args=[*python, "-m", "hyperdaemon"], env=self.env)
+                                       args=[*python, "-m", "hyperdaemon", *flags],
+                                       env=self.env)
         async with stdio_client(params, errlog=errlog or sys.stderr) as (read, write):
             async with ClientSession(read, write) as session:
                 await session.initialize()
@@ -140,6 +144,27 @@ class HostTests(McpTestCase):
                     if line.startswith("import time:")}
         self.assertIn("hyperdaemon", imported)
         self.assertEqual(imported & set(HEAVY), set())
+
+    def warm_imports(self, flags: tuple[str, ...] = ()) -> set[str]:
+        """The modules a launcher started with C{flags} imports, the daemon and host running."""
+        async def go() -> None:
+            async with self.server() as s:  # the daemon and its host are running now
+                await self.call(s, "status")
+            with open(self.tmp / "importtime.log", "w") as errlog:
+                async with self.launcher("-X", "importtime", errlog=errlog, flags=flags) as s:
+                    self.assertEqual((await self.call(s, "status"))["served_by"], "mcp host")
+
+        self.drive(go())
+        return {line.split("|")[-1].strip()
+                for line in (self.tmp / "importtime.log").read_text().splitlines()
+                if line.startswith("import time:")}
+
+    def test_the_warm_launcher_reads_its_flags_without_the_command_lines_parser(self) -> None:
+        # The parser and what it loads cost more than the rest of the
+        # launcher's start.
+        imported = self.warm_imports(("--read-only", "--persistent-db", str(self.tmp / "p.hyper")))
+        self.assertIn("hyperdaemon.mcp.launcher", imported)
+        self.assertEqual(imported & set(SLOW_STANDARD), set())
 
     def test_two_assistants_share_persistent_data_and_not_scratch(self) -> None:
         async def go() -> None:
@@ -401,3 +426,31 @@ class SettingsTests:
             assert launcher.persistent_db({}, environ) == str(default_persistent_db(environ))
         assert launcher.persistent_db({"ephemeral_only": True}, {}) is None
         assert launcher.persistent_db({"persistent_db": "x.hyper"}, {}) == str(tmp_path / "x.hyper")
+
+    @pytest.mark.parametrize("argv", [
+        [], ["--read-only"], ["--no-daemon", "--ephemeral-only"],
+        ["--persistent-db", "p.hyper", "--read-only"], ["--persistent-db=/a b.hyper"],
+        ["--persistent-db", ""], ["--persistent-db", "a.hyper", "--persistent-db", "b.hyper"],
+    ])
+    def test_the_launchers_command_line_reads_as_the_full_parser_does(
+            self, argv: list[str]) -> None:
+        from hyperdaemon.cli import build_parser
+        from hyperdaemon.mcp.launcher import launcher_options
+
+        assert launcher_options(argv) == vars(build_parser().parse_args(argv))
+
+    @pytest.mark.parametrize("argv", [
+        ["daemon"], ["daemon", "status"], ["--help"], ["--version"], ["--read"],
+        ["--persistent-db"], ["--persistent-db", "--read-only"], ["--", "x"], ["-x"],
+    ])
+    def test_any_other_command_line_is_left_to_the_full_parser(self, argv: list[str]) -> None:
+        from hyperdaemon.mcp.launcher import launcher_options
+
+        assert launcher_options(argv) is None
+
+    def test_the_command_lines_the_full_parser_refuses_are_refused_as_before(self) -> None:
+        run = subprocess.run([sys.executable, "-m", "hyperdaemon", "--persistent-db"],
+                             capture_output=True, text=True, timeout=60)
+        assert run.returncode == 2
+        assert run.stderr == ("hyperdb-mcp: argument --persistent-db: expected one argument "
+                              "(see 'hyperdb-mcp --help')\n")
