@@ -26,13 +26,19 @@ new host (swallowing the reply), and goes on relaying.  It never exits
 because of it.
 """
 
-import json
 import os
 import select
-import signal
-import socket
 import sys
 import time
+
+# The warm path takes the C modules under socket and signal (whose Python
+# wrappers load enum and selectors), and writes its settings line without
+# the json package (which loads re): together these cost about as much as
+# the host's opening of the session, so json is imported once the settings
+# are sent (L{handshake}), while the host works.
+import _signal as signal
+import _socket as socket
+from _json import encode_basestring_ascii
 
 #: The host's socket in the state directory (L{hyperdaemon.daemon.mcphost.SOCKET_NAME}).
 SOCKET_NAME = "mcp-host.sock"
@@ -117,6 +123,28 @@ def persistent_db(options, environ) -> "str | None":
     return os.path.join(data, "hyperdb", "workspace.hyper")
 
 
+def json_text(value) -> str:
+    """
+    C{value} (C{None}, a bool, an int, a string, or a dict of them by
+    strings) as compact JSON, as C{json.dumps(value, separators=(",", ":"))}
+    writes it, without importing the json package.
+    """
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if type(value) is int:
+        return str(value)
+    if isinstance(value, str):
+        return encode_basestring_ascii(value)
+    if isinstance(value, dict) and all(isinstance(key, str) for key in value):
+        return "{" + ",".join(f"{encode_basestring_ascii(key)}:{json_text(item)}"
+                              for key, item in value.items()) + "}"
+    raise TypeError(f"the settings line holds no {type(value).__name__}")
+
+
 def settings_line(options, environ, ephemeral_db: "str | None" = None) -> bytes:
     fields = {
         "pid": os.getpid(),
@@ -128,7 +156,7 @@ def settings_line(options, environ, ephemeral_db: "str | None" = None) -> bytes:
     }
     if ephemeral_db is not None:
         fields["ephemeral_db"] = ephemeral_db
-    return json.dumps(fields, separators=(",", ":")).encode("utf-8") + b"\n"
+    return json_text(fields).encode("utf-8") + b"\n"
 
 
 def connect(path: str) -> "socket.socket | None":
@@ -153,6 +181,8 @@ def handshake(sock: socket.socket, line: bytes) -> "tuple[dict, bytes]":
     sock.settimeout(ANSWER_TIMEOUT)
     try:
         sock.sendall(line)
+        import json  # while the host opens the session (see the imports above)
+
         data = b""
         while b"\n" not in data:
             chunk = sock.recv(65536)
@@ -212,6 +242,8 @@ def cold_start(options, environ) -> str:
         cannot start), or no daemon can be had (the in-process server then
         says why).
     """
+    import json
+
     from hyperdaemon.client.finder import DaemonUnavailable, Finder
     from hyperdaemon.client.healthclient import DaemonError, connect_own
 
@@ -338,6 +370,8 @@ class Relay:
     # -- what passes -----------------------------------------------------------
 
     def _note_from_client(self, line: bytes) -> None:
+        import json
+
         try:
             message = json.loads(line)
         except ValueError:
@@ -354,6 +388,8 @@ class Relay:
 
     def _from_host_line(self, line: bytes) -> bool:
         """Note a line from the host; whether it goes to stdout."""
+        import json
+
         try:
             message = json.loads(line)
         except ValueError:
@@ -436,6 +472,8 @@ class Relay:
 
     def _recover(self) -> None:
         """The host went away: answer what was in flight, reach a host again, replay."""
+        import json
+
         self.sock.close()
         self._from_host = Lines()
         answers = b"".join(

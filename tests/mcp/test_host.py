@@ -29,6 +29,8 @@ NOBODY = 65534
 HEAVY = ("twisted", "mcp", "pydantic", "psycopg", "attrs", "anyio", "sqlglot")
 #: Standard modules of the full command line that the warm launcher does without.
 SLOW_STANDARD = ("argparse", "gettext", "locale", "shutil", "pathlib", "datetime", "typing")
+#: Python wrappers whose C modules the warm launcher takes instead.
+WRAPPERS = ("socket", "selectors", "signal")
 
 
 def launcher_pid(facts: dict[str, Any]) -> int:
@@ -159,12 +161,12 @@ class HostTests(McpTestCase):
                 for line in (self.tmp / "importtime.log").read_text().splitlines()
                 if line.startswith("import time:")}
 
-    def test_the_warm_launcher_reads_its_flags_without_the_command_lines_parser(self) -> None:
+    def test_the_warm_launcher_imports_neither_the_parser_nor_socket_and_signal(self) -> None:
         # The parser and what it loads cost more than the rest of the
-        # launcher's start.
+        # launcher's start; the wrappers' enum and selectors, a sixth of it.
         imported = self.warm_imports(("--read-only", "--persistent-db", str(self.tmp / "p.hyper")))
         self.assertIn("hyperdaemon.mcp.launcher", imported)
-        self.assertEqual(imported & set(SLOW_STANDARD), set())
+        self.assertEqual(imported & set(SLOW_STANDARD + WRAPPERS), set())
 
     def test_two_assistants_share_persistent_data_and_not_scratch(self) -> None:
         async def go() -> None:
@@ -426,6 +428,22 @@ class SettingsTests:
             assert launcher.persistent_db({}, environ) == str(default_persistent_db(environ))
         assert launcher.persistent_db({"ephemeral_only": True}, {}) is None
         assert launcher.persistent_db({"persistent_db": "x.hyper"}, {}) == str(tmp_path / "x.hyper")
+
+    @pytest.mark.parametrize("value", [
+        {"pid": 12, "cwd": "/w é\"\\\n", "read_only": True, "ephemeral_only": False,
+         "persistent_db": None, "environ": {"HOME": "/h\udcff", "X": "\u2603\U0001f600"}},
+        {}, {"environ": {}}, {"n": -3},
+    ])
+    def test_the_settings_line_is_the_json_the_json_package_writes(self, value: Any) -> None:
+        from hyperdaemon.mcp.launcher import json_text
+
+        assert json_text(value) == json.dumps(value, separators=(",", ":"))
+
+    def test_the_settings_line_holds_only_what_it_can_write(self) -> None:
+        from hyperdaemon.mcp.launcher import json_text
+
+        with pytest.raises(TypeError, match="float"):
+            json_text({"x": 1.5})
 
     @pytest.mark.parametrize("argv", [
         [], ["--read-only"], ["--no-daemon", "--ephemeral-only"],
