@@ -46,6 +46,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
+from hyperdaemon.client.finder import DaemonAddress, Finder
 from hyperdaemon.mcp.launcher import Lines
 
 #: The most a settings line may hold.
@@ -59,6 +60,25 @@ PASSED_VARIABLES = ("HYPERDB_STATE_DIR", "HYPERDB_DAEMON_PORT", "HYPERDB_DAEMON_
 
 class HostStartError(Exception):
     """The host cannot serve; C{str()} is one sentence with the fix."""
+
+
+@attrs.define
+class HostFinder(Finder):
+    """
+    The host's daemon, as its sessions find it: found once (L{Finder.ensure}),
+    then known, so that a launcher's session does not wait for the daemon's
+    C{STATUS} first.  The host lives no longer than that daemon (its stdin
+    is the daemon's pipe), and each session's connection to it is checked
+    as ever (the daemon must be this user's).
+    """
+
+    known: DaemonAddress | None = None
+
+    def ensure(self) -> DaemonAddress:
+        known = self.known
+        if known is None:
+            known = self.known = Finder.ensure(self)
+        return known
 
 
 @attrs.frozen
@@ -208,6 +228,7 @@ class McpHost:
         self.connections: set[LauncherConnection] = set()
         self._listening: Any = None
         self.server: Any = None
+        self._finder: HostFinder | None = None
         #: The host is stopping: its sessions end, their launchers do not.
         self.stopping = False
 
@@ -261,17 +282,18 @@ class McpHost:
 
     def open_session(self, settings: LauncherSettings) -> Any:
         """A Deferred of the launcher's client L{Session}, on this host's daemon."""
-        from hyperdaemon.client.finder import Finder
         from hyperdaemon.client.session import Session
         from hyperdaemon.config import PortChoice
 
-        finder = Finder(self.state_dir, PortChoice(self.daemon_port, self.daemon_port,
-                                                   self.daemon_port),
-                        environ=dict(os.environ))
+        if self._finder is None:
+            port = self.daemon_port
+            self._finder = HostFinder(self.state_dir, PortChoice(port, port, port),
+                                      environ=dict(os.environ))
         return Session.open(self._reactor, name="hyperdb-mcp",
                             persistent_db=settings.persistent_db,
                             ephemeral_only=settings.ephemeral_only,
-                            finder=finder, pid=settings.pid, reattach=settings.ephemeral_db)
+                            finder=self._finder, pid=settings.pid,
+                            reattach=settings.ephemeral_db)
 
     def refusal(self, settings: LauncherSettings) -> str | None:
         """Why this host is not the one the launcher's settings choose, or None."""

@@ -472,3 +472,17 @@ class SettingsTests:
         assert run.returncode == 2
         assert run.stderr == ("hyperdb-mcp: argument --persistent-db: expected one argument "
                               "(see 'hyperdb-mcp --help')\n")
+
+
+def test_the_host_finds_its_daemon_once_for_all_its_sessions(tmp_path: Path,
+                                                             monkeypatch: Any) -> None:
+    from hyperdaemon.client.finder import DaemonAddress, Finder
+    from hyperdaemon.config import PortChoice
+    from hyperdaemon.mcp.host import HostFinder
+
+    asked = []
+    address = DaemonAddress(port=7, version="1", session_protocol=3, facts={})
+    monkeypatch.setattr(Finder, "ensure", lambda finder: asked.append(finder) or address)
+    finder = HostFinder(tmp_path, PortChoice(7, 7, 7), environ={})
+    assert [finder.ensure(), finder.ensure()] == [address, address]
+    assert asked == [finder]
