@@ -28,7 +28,9 @@ if TYPE_CHECKING:
 
 # Without a subcommand this is the launcher, whose start must import only
 # the standard library (hyperdaemon.mcp.launcher): the daemon's commands
-# import what they need themselves.
+# import what they need themselves.  hyperdb-mcp and python -m hyperdaemon
+# enter at hyperdaemon.mcp.launcher.main, which reads the launcher's own
+# flags without this parser and hands every other command line to main here.
 
 PROG = "hyperdb-mcp"
 NO_DAEMON = "No daemon is currently running."

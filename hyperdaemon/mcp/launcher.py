@@ -10,7 +10,10 @@ tells the host (a half-close) and exits once the host has closed the
 session; SIGTERM and SIGINT do the same.
 
 The warm path (a host answers) imports only the standard library, so that
-an assistant's server costs a few megabytes and starts in milliseconds.  The
+an assistant's server costs a few megabytes and starts in milliseconds: its
+entry point (L{main}) reads its flags without argparse, and it sends its
+settings before it imports json, so that the host opens the session while
+the launcher loads the rest (see the imports).  The
 cold path (no host answers) finds or spawns the daemon as clients always did
 (asking it to start its host with C{hyperd}), asks for the host
 (C{MCP_HOST}) and waits for it.  Where no host can serve (C{--no-daemon},
