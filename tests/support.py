@@ -517,3 +517,32 @@ def fork_reporting(serve: Callable[[int], None], uid: int | None = None) -> tupl
             os._exit(1)
     os.close(write_end)
     return pid, read_end
+
+
+def run_as(uid: int, work: Callable[[], str]) -> str:
+    """
+    Run C{work} in a forked child that has dropped to C{uid}; its result.
+    A fork, not a new interpreter: the other user may not be able to read
+    this Python installation.
+    """
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(read_end)
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            os.write(write_end, work().encode("utf-8"))
+            code = 0
+        except BaseException as e:
+            os.write(write_end, f"child failed: {e!r}".encode("utf-8"))
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end, "rb") as pipe:
+        out = pipe.read().decode("utf-8")
+    _, wait_status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(wait_status) == 0, out
+    return out

@@ -33,6 +33,7 @@ from support import (
     status,
     until,
     wait_for,
+    run_as,
 )
 
 
@@ -488,35 +489,6 @@ class PortLockTests:
 
 
 NOBODY = 65534
-
-
-def run_as(uid: int, work: Callable[[], str]) -> str:
-    """
-    Run C{work} in a forked child that has dropped to C{uid}; its result.
-    A fork, not a new interpreter: the other user may not be able to read
-    this Python installation.
-    """
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            os.write(write_end, work().encode("utf-8"))
-            code = 0
-        except BaseException as e:
-            os.write(write_end, f"child failed: {e!r}".encode("utf-8"))
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        out = pipe.read().decode("utf-8")
-    _, wait_status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(wait_status) == 0, out
-    return out
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator
 
 import pytest
 
-from support import QUICK, READY_TIMEOUT, pid_alive, status, wait_for
+from support import QUICK, READY_TIMEOUT, pid_alive, run_as, status, wait_for
 from mcp_support import McpTestCase, ToolCallError
 
 NOBODY = 65534
@@ -36,31 +36,6 @@ WRAPPERS = ("socket", "selectors", "signal")
 def launcher_pid(facts: dict[str, Any]) -> int:
     """The launcher's pid, which names its session's folder (C{<pid>-...})."""
     return int(Path(facts["ephemeral_db"]).parent.name.partition("-")[0])
-
-
-def run_as(uid: int, work: Any) -> str:
-    """C{work()} in a forked child that has dropped to C{uid}; what it returned."""
-    read_end, write_end = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            os.close(read_end)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            os.write(write_end, work().encode("utf-8"))
-            code = 0
-        except BaseException as e:
-            os.write(write_end, f"child failed: {e!r}".encode("utf-8"))
-        finally:
-            os._exit(code)
-    os.close(write_end)
-    with os.fdopen(read_end, "rb") as pipe:
-        out = pipe.read().decode("utf-8")
-    _, wait_status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(wait_status) == 0, out
-    return out
 
 
 class HostTests(McpTestCase):
