@@ -901,16 +901,12 @@ def register(kit: Any) -> None:
 
 def serve(server: Any, kit: Any) -> None:
     """Learn who the session serves, for the catalog's created_by and last_modified_by."""
-    from hyperdaemon.mcp.server import client_label
+    from hyperdaemon.mcp.server import client_info, client_label
 
     async def learn_client(ctx: Any, call_next: Any) -> Any:
         outcome = await call_next(ctx)
         try:
-            if ctx.method == "initialize":
-                info = (ctx.params or {}).get("clientInfo")
-            else:
-                params = ctx.session.client_params
-                info = params.client_info if params is not None else None
+            info = client_info(ctx)
             label = client_label(info) if info is not None else None
             if label is not None:
                 version = (info.get("version") if isinstance(info, dict)

@@ -325,6 +325,18 @@ def unknown_arguments(tool: str, schema: Mapping[str, Any],
             f"Call it again without {'it' if len(unknown) == 1 else 'them'}.")
 
 
+def client_info(ctx: Any) -> Any:
+    """
+    The C{clientInfo} of the client behind a request's context (a dict at
+    C{initialize}, the SDK's model later), or None.
+    """
+    if ctx.method == "initialize":
+        return (ctx.params or {}).get("clientInfo")
+    # Clients of the per-request protocol say who they are in every request.
+    params = ctx.session.client_params
+    return params.client_info if params is not None else None
+
+
 def client_label(info: Any) -> str | None:
     """
     The session's name for an MCP client, from its C{clientInfo} (a mapping
@@ -751,13 +763,7 @@ def build_server(tools: Any, name_session: Callable[[str], None] | None = None) 
         async def learn_client_name(ctx: Any, call_next: Any) -> Any:
             outcome = await call_next(ctx)
             try:
-                if ctx.method == "initialize":
-                    info = (ctx.params or {}).get("clientInfo")
-                else:
-                    # Clients of the per-request protocol say who they are
-                    # in every request.
-                    params = ctx.session.client_params
-                    info = params.client_info if params is not None else None
+                info = client_info(ctx)
                 label = client_label(info) if info is not None else None
                 session = tools.session
                 if label is not None and named.get(session) != label:
