@@ -19,6 +19,7 @@ import datetime
 import decimal
 import math
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -485,14 +486,18 @@ def _write(image: bytes, target: Path, overwrite: bool) -> None:
     """Put C{image} at C{target} in one step: a partial file is never seen there."""
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
-        handle, written = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+        # Made with the mode a new file gets (0644 under the umask), where
+        # mkstemp would make it 0600; the random name keeps it private to us.
+        written = str(target.parent / f".{target.name}.{secrets.token_hex(8)}")
+        handle = os.open(written, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     except OSError as e:
         raise ToolFailure(f"output_path: cannot write in {target.parent} ({e.strerror}); "
                           f"choose a folder this user can write in") from None
     try:
         with os.fdopen(handle, "wb") as f:
             f.write(image)
-        os.chmod(written, 0o644 & ~_umask())
+            f.flush()
+            os.fsync(f.fileno())  # on disk before its name is
         if overwrite:
             os.replace(written, target)
         else:
@@ -503,12 +508,6 @@ def _write(image: bytes, target: Path, overwrite: bool) -> None:
     finally:
         if os.path.lexists(written):
             os.unlink(written)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def make_chart(tools: Any, keep: dict[str, Any], sql: str, chart_type: str,
@@ -529,11 +528,17 @@ def make_chart(tools: Any, keep: dict[str, Any], sql: str, chart_type: str,
 
     def chart(fetched: tuple[list[str], list[Any]]) -> defer.Deferred[dict[str, Any]]:
         plot = plotted(*fetched, options)
-        return deferToThread(draw, plot, options).addCallback(done, plot)
+
+        def drawn_and_written() -> bytes:
+            # Both block (the file is synced): off the reactor thread.
+            image = draw(plot, options)
+            if target is not None:
+                _write(image, target, overwrite)
+            return image
+
+        return deferToThread(drawn_and_written).addCallback(done, plot)
 
     def done(image: bytes, plot: Plotted) -> dict[str, Any]:
-        if target is not None:
-            _write(image, target, overwrite)
         if inline:
             keep.update(data=base64.b64encode(image).decode("ascii"),
                         mime_type=FORMATS[options.format])
