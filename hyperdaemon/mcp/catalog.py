@@ -710,14 +710,23 @@ def export_iceberg(tools: Any, path: str, sql: str | None, table: str | None,
             raise ToolFailure(f"path: {target} exists, and export replaces a table only when "
                               f"asked: pass overwrite=true to replace it, or choose a new path")
 
+    replace = os.path.lexists(target)
+
     def work(conn: Any) -> dict[str, Any]:
+        with _search_path(conn, db):
+            # Refused SQL must not get as far as moving the old table aside.
+            _require_read_only(conn, select)
         aside = None
         if os.path.lexists(target):
+            # The call may have waited its turn: a folder that appeared
+            # meanwhile was never checked, nor asked to be replaced.
+            if not replace:
+                raise ToolFailure(f"path: {target} was created while the export waited its "
+                                  f"turn; run the export again, or choose a new path")
             aside = target.with_name(f".{target.name}.replaced-{secrets.token_hex(4)}")
             os.rename(target, aside)
         try:
             with _search_path(conn, db):
-                _require_read_only(conn, select)
                 with conn.transaction(force_rollback=True):
                     conn.execute(f"COPY ({_one_statement(select)}\n) TO "
                                  f"{quote_literal(str(target))} WITH ({options})")
