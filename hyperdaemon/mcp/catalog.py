@@ -733,7 +733,13 @@ def export_iceberg(tools: Any, path: str, sql: str | None, table: str | None,
         except BaseException:
             shutil.rmtree(target, ignore_errors=True)
             if aside is not None:
-                os.rename(aside, target)
+                try:
+                    os.rename(aside, target)
+                except OSError:
+                    # Say where the old table is, rather than an errno.
+                    raise ToolFailure(f"path: the export failed, and the table that was at "
+                                      f"{target} could not be put back: it is at {aside}; "
+                                      f"move it back by hand") from None
             raise
         if aside is not None:
             shutil.rmtree(aside, ignore_errors=True)
