@@ -286,8 +286,9 @@ class Lane:
         per file (L{SharedFile.attaching}).  Runs on a worker thread, within
         a call of the session, which holds the shared files meanwhile.
         """
-        from hyperdaemon.client.session import EPHEMERAL_ALIAS, LOCKS_NAME, connect_hyperd
-        from hyperdaemon.client.sharedfiles import LockFile, lock_paths
+        from hyperdaemon.client.session import EPHEMERAL_ALIAS, connect_hyperd
+        from hyperdaemon.client.sharedfiles import LockFile
+        from hyperdaemon.mcp.catalog import catalog_lock
 
         connection = connect_hyperd(session.credentials)
         try:
@@ -296,9 +297,8 @@ class Lane:
             connection.execute(f"SET schema_search_path = '{EPHEMERAL_ALIAS}'")
             path = session.attached_files.get(database)
             if path is not None:
-                # The session's sessions root holds every session's folder.
-                fallback = Path(session.ephemeral_db).parent.parent.parent / LOCKS_NAME
-                attaching = LockFile(lock_paths(Path(path), fallback)[2])
+                # The file's attach lock, which catalog writes take too.
+                attaching = LockFile(catalog_lock(session, database))
                 try:
                     attaching.lock(exclusive=True)
                     connection.execute(f"ATTACH DATABASE {quote_identifier(str(path))} AS "
