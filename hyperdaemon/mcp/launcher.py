@@ -162,15 +162,33 @@ def settings_line(options, environ, ephemeral_db: "str | None" = None) -> bytes:
     return json_text(fields).encode("utf-8") + b"\n"
 
 
+def peer_is_own_user(sock: socket.socket) -> bool:
+    """
+    Whether this user's process listens at the other end of C{sock}
+    (C{SO_PEERCRED}); C{True} where the kernel cannot tell.
+    """
+    option = getattr(socket, "SO_PEERCRED", None)
+    if option is None:
+        return True
+    creds = sock.getsockopt(socket.SOL_SOCKET, option, 12)  # struct ucred: pid, uid, gid
+    return int.from_bytes(creds[4:8], sys.byteorder) == os.getuid()
+
+
 def connect(path: str) -> "socket.socket | None":
-    """A connection to the host's socket, or C{None} if nobody answers there."""
+    """
+    A connection to the host's socket, or C{None} if nobody answers there,
+    or another user does: the settings and the session are only for a
+    host of this user.
+    """
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.connect(path)
+        if peer_is_own_user(sock):
+            return sock
     except OSError:
-        sock.close()
-        return None
-    return sock
+        pass
+    sock.close()
+    return None
 
 
 def handshake(sock: socket.socket, line: bytes) -> "tuple[dict, bytes]":

@@ -461,3 +461,22 @@ def test_the_host_finds_its_daemon_once_for_all_its_sessions(tmp_path: Path,
     finder = HostFinder(tmp_path, PortChoice(7, 7, 7), environ={})
     assert [finder.ensure(), finder.ensure()] == [address, address]
     assert asked == [finder]
+
+
+def test_the_launcher_talks_only_to_a_host_of_its_own_user(monkeypatch: Any) -> None:
+    from hyperdaemon.mcp import launcher
+
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        path = str(folder / launcher.SOCKET_NAME)
+        with socket.socket(socket.AF_UNIX) as listening:
+            listening.bind(path)
+            listening.listen()
+            own = launcher.connect(path)
+            assert own is not None
+            own.close()
+            # The same socket, as seen by a launcher of another uid.
+            monkeypatch.setattr(os, "getuid", lambda: os.geteuid() + 1)
+            assert launcher.connect(path) is None
+    finally:
+        shutil.rmtree(folder)
