@@ -47,15 +47,12 @@ from twisted.internet.protocol import Protocol
 from zope.interface import implementer
 
 from hyperdaemon.client.finder import DaemonAddress, Finder
-from hyperdaemon.mcp.launcher import Lines
+from hyperdaemon.mcp.launcher import PASSED_VARIABLES, Lines
 
 #: The most a settings line may hold.
 SETTINGS_LIMIT = 256 * 1024
 #: The longest MCP message line a launcher may send (a load_data's data).
 MESSAGE_LIMIT = 256 * 1024 * 1024
-#: Environment variables a launcher sends (the others are not the host's business).
-PASSED_VARIABLES = ("HYPERDB_STATE_DIR", "HYPERDB_DAEMON_PORT", "HYPERDB_DAEMON_PORT_RANGE",
-                    "HYPERDB_PERSISTENT_DB", "HYPERD_PATH", "HOME", "XDG_DATA_HOME")
 
 
 class HostStartError(Exception):

@@ -45,7 +45,7 @@ from _json import encode_basestring_ascii
 
 #: The host's socket in the state directory (L{hyperdaemon.daemon.mcphost.SOCKET_NAME}).
 SOCKET_NAME = "mcp-host.sock"
-#: The variables a launcher passes on (L{hyperdaemon.mcp.host.PASSED_VARIABLES}).
+#: The variables a launcher passes on (the host keeps no others).
 PASSED_VARIABLES = ("HYPERDB_STATE_DIR", "HYPERDB_DAEMON_PORT", "HYPERDB_DAEMON_PORT_RANGE",
                     "HYPERDB_PERSISTENT_DB", "HYPERD_PATH", "HOME", "XDG_DATA_HOME")
 #: Set in a spawned daemon's environment: start the host with hyperd.
