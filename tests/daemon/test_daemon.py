@@ -595,6 +595,16 @@ class HostileFileTests(DaemonTestCase):
         self.state = self.tmp / "state"
         self.sessions = self.state / "sessions"
 
+    def daemon_and_a_database_outside(self) -> tuple[DaemonProcess, Path, Path]:
+        """A ready daemon, a folder outside its state directory, and a database in that folder."""
+        daemon = self.start_daemon("--idle-timeout", "0")
+        daemon.wait_ready()
+        outside = self.tmp / "outside"
+        outside.mkdir()
+        victim = outside / "scratch.hyper"
+        hyperd_execute(daemon.record(), f'CREATE DATABASE "{victim}"')
+        return daemon, outside, victim
+
     def test_stray_session_folder_names_are_ignored_and_logged(self) -> None:
         strays = ["99999999999999999999-x", "\u00b2-x"]
         for name in strays:
@@ -608,12 +618,7 @@ class HostileFileTests(DaemonTestCase):
         assert "Traceback" not in log
 
     def test_session_refuses_a_folder_that_is_a_symlink(self) -> None:
-        daemon = self.start_daemon("--idle-timeout", "0")
-        daemon.wait_ready()
-        outside = self.tmp / "outside"
-        outside.mkdir()
-        victim = outside / "scratch.hyper"
-        hyperd_execute(daemon.record(), f'CREATE DATABASE "{victim}"')
+        daemon, outside, victim = self.daemon_and_a_database_outside()
         link = self.sessions / f"{os.getpid()}-evil"
         link.symlink_to(outside)
         fields = {"pid": os.getpid(), "ephemeral_db": str(link / "scratch.hyper")}
@@ -623,12 +628,7 @@ class HostileFileTests(DaemonTestCase):
         assert victim.is_file()
 
     def test_a_folder_turned_into_a_symlink_is_never_followed_when_dropped(self) -> None:
-        daemon = self.start_daemon("--idle-timeout", "0")
-        daemon.wait_ready()
-        outside = self.tmp / "outside"
-        outside.mkdir()
-        victim = outside / "scratch.hyper"
-        hyperd_execute(daemon.record(), f'CREATE DATABASE "{victim}"')
+        daemon, outside, victim = self.daemon_and_a_database_outside()
         folder = self.sessions / f"{os.getpid()}-swapped"
         folder.mkdir()
         with socket.create_connection(("127.0.0.1", daemon.port), timeout=QUICK) as s:
