@@ -29,12 +29,13 @@ from twisted.python.failure import Failure
 
 from hyperdaemon.daemon.supervisor import RestartBudget
 
+# The launcher (standard library only) owns the names both ends agree on:
+# the host's socket, in the state directory (0700; the host makes it 0600),
+# and the variable a spawner sets to have the host started with the daemon.
+from hyperdaemon.mcp.launcher import SOCKET_NAME, START_VAR
+
 _log = Logger()
 
-#: The host's socket, in the state directory (0700); the host makes it 0600.
-SOCKET_NAME = "mcp-host.sock"
-#: The variable a spawner sets to have the host started with the daemon.
-START_VAR = "HYPERDAEMON_MCP_HOST"
 #: Seconds the host may take from spawn to C{READY}.
 READY_TIMEOUT = 60.0
 #: Seconds a stopping host gets to close its sessions before SIGKILL.

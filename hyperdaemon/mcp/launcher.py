@@ -43,12 +43,12 @@ import _signal as signal
 import _socket as socket
 from _json import encode_basestring_ascii
 
-#: The host's socket in the state directory (L{hyperdaemon.daemon.mcphost.SOCKET_NAME}).
+#: The host's socket in the state directory (the daemon's and the host's too).
 SOCKET_NAME = "mcp-host.sock"
 #: The variables a launcher passes on (the host keeps no others).
 PASSED_VARIABLES = ("HYPERDB_STATE_DIR", "HYPERDB_DAEMON_PORT", "HYPERDB_DAEMON_PORT_RANGE",
                     "HYPERDB_PERSISTENT_DB", "HYPERD_PATH", "HOME", "XDG_DATA_HOME")
-#: Set in a spawned daemon's environment: start the host with hyperd.
+#: Set in a spawned daemon's environment: start the host with hyperd (the daemon reads it).
 START_VAR = "HYPERDAEMON_MCP_HOST"
 #: Set in a launcher that started afresh after its cold start (see L{reach_host}).
 FRESH_VAR = "HYPERDAEMON_LAUNCHER_FRESH"
