@@ -75,3 +75,26 @@ class ToolCallError(Exception):
     pass
 
 
+
+
+class ReportingTestCase(McpTestCase):
+    """An MCP test case that can show a figure to whoever runs the tests."""
+
+    @pytest.fixture(autouse=True)
+    def _capsys(self, capsys: pytest.CaptureFixture[str]) -> None:
+        self._capture = capsys
+
+    def report(self, line: str) -> None:
+        """A figure for whoever runs the tests, shown even when output is captured."""
+        with self._capture.disabled():
+            print(f"\n[{self.id().rsplit('.', 1)[-1]}] {line}", flush=True)
+
+
+class PlainRefusalsTestCase(McpTestCase):
+    async def refused(self, session: Any, tool: str, **arguments: Any) -> str:
+        """The error text of a call that must fail, without the SDK's preamble."""
+        with self.assertRaises(ToolCallError) as caught:
+            await self.call(session, tool, **arguments)
+        message = str(caught.exception)
+        preamble = f"Error executing tool {tool}: "
+        return message[len(preamble):] if message.startswith(preamble) else message

@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 
 from support import QUICK, READY_TIMEOUT, status, wait_for
-from mcp_support import McpTestCase, ToolCallError
+from mcp_support import ReportingTestCase, ToolCallError
 from hyperdaemon.mcp.tools import ToolFailure
 
 #: Rows of the big CSV (issue 12: 1.5 million).
@@ -62,16 +62,7 @@ def thousand_rows_table() -> Any:
     })
 
 
-class FilesTestCase(McpTestCase):
-    @pytest.fixture(autouse=True)
-    def _capsys(self, capsys: pytest.CaptureFixture[str]) -> None:
-        self._capture = capsys
-
-    def report(self, line: str) -> None:
-        """A figure for whoever runs the tests, shown even when output is captured."""
-        with self._capture.disabled():
-            print(f"\n[{self.id().rsplit('.', 1)[-1]}] {line}", flush=True)
-
+class FilesTestCase(ReportingTestCase):
     async def tables(self, s: Any, database: str = "local") -> list[str]:
         described = await self.call(s, "describe", database=database)
         return [t["table"] for t in described["tables"]]

@@ -15,10 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import pytest
-
 from support import QUICK, pid_alive, status, wait_for
-from mcp_support import McpTestCase, ToolCallError
+from mcp_support import ReportingTestCase, ToolCallError
 
 #: A bound on a 150,000-row inline load; the row-by-row loader took 59 to 115 s.
 BIG_LOAD_BOUND = 30.0
@@ -43,15 +41,8 @@ def _day(i: int) -> str:
     return f"2024-{i % 12 + 1:02d}-{i % 28 + 1:02d}"
 
 
-class LoadTestCase(McpTestCase):
-    @pytest.fixture(autouse=True)
-    def _capsys(self, capsys: pytest.CaptureFixture[str]) -> None:
-        self._capture = capsys
-
-    def report(self, line: str) -> None:
-        """A figure for whoever runs the tests, shown even when output is captured."""
-        with self._capture.disabled():
-            print(f"\n[{self.id().rsplit('.', 1)[-1]}] {line}", flush=True)
+class LoadTestCase(ReportingTestCase):
+    pass
 
 
 class InlineLoadTests(LoadTestCase):

@@ -21,7 +21,7 @@ from hyperdaemon.mcp import memory
 from hyperdaemon.mcp.memory import (MAX_ENTRIES, MAX_NAME, MAX_VALUE_BYTES, check_entries,
                                     check_name, check_value, memory_lock_path, read_value_file)
 from hyperdaemon.mcp.tools import ToolFailure
-from mcp_support import McpTestCase, ToolCallError
+from mcp_support import PlainRefusalsTestCase, ToolCallError
 from support import QUICK, Clients, pid_alive, status, wait_for
 
 #: The store the concurrency test fills, and how many entries it holds.
@@ -112,14 +112,8 @@ def test_the_writers_lock_is_beside_the_database(tmp_path: Path) -> None:
 
 # -- through the MCP client ----------------------------------------------------------
 
-class MemoryTestCase(McpTestCase):
-    async def refused(self, session: Any, tool: str, **arguments: Any) -> str:
-        """The error text of a call that must fail, without the SDK's preamble."""
-        with self.assertRaises(ToolCallError) as caught:
-            await self.call(session, tool, **arguments)
-        message = str(caught.exception)
-        preamble = f"Error executing tool {tool}: "
-        return message[len(preamble):] if message.startswith(preamble) else message
+class MemoryTestCase(PlainRefusalsTestCase):
+    pass
 
 
 class ScratchStoreTests(MemoryTestCase):

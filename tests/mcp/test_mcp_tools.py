@@ -13,7 +13,7 @@ import csv
 import json
 from typing import Any
 
-from mcp_support import CSV, McpTestCase, ToolCallError
+from mcp_support import CSV, PlainRefusalsTestCase, ToolCallError
 
 #: The two databases every session has, as errors list them.
 ALIASES = "'local', 'persistent'"
@@ -28,7 +28,7 @@ def strict_json(text: str) -> Any:
     return json.loads(text, parse_constant=refuse)
 
 
-class ToolsTestCase(McpTestCase):
+class ToolsTestCase(PlainRefusalsTestCase):
     async def raw(self, session: Any, tool: str, **arguments: Any) -> str:
         """The text of a successful call, as the server sent it."""
         result = await session.call_tool(tool, arguments)
@@ -37,13 +37,6 @@ class ToolsTestCase(McpTestCase):
             raise ToolCallError(text)
         return text
 
-    async def refused(self, session: Any, tool: str, **arguments: Any) -> str:
-        """The error text of a call that must fail, without the SDK's preamble."""
-        with self.assertRaises(ToolCallError) as caught:
-            await self.call(session, tool, **arguments)
-        message = str(caught.exception)
-        preamble = f"Error executing tool {tool}: "
-        return message[len(preamble):] if message.startswith(preamble) else message
 
     async def tables(self, session: Any, database: str = "local") -> list[str]:
         described = await self.call(session, "describe", database=database)
