@@ -161,6 +161,12 @@ def read_value_file(path: Any) -> str:
                           f"permissions") from None
 
 
+def _read_and_check(path: str) -> tuple[str, int]:
+    """The value in the file at C{path} and its size (L{read_value_file}, L{check_value})."""
+    text = read_value_file(path)
+    return text, check_value("value_path", text)
+
+
 def check_entries(entries: Any) -> list[tuple[str, str, int]]:
     """
     kv_set_many's entries as (key, value, size), all checked before
@@ -349,30 +355,33 @@ class Memory:
             raise ToolFailure("value, value_path: give exactly one of them: value for the JSON "
                               "itself, value_path for a file that holds it")
         parameter = "value" if value_path is None else "value_path"
-        text = value if value_path is None else read_value_file(value_path)
-        size = check_value(parameter, text)
+        inline = None if value is None else (value, check_value(parameter, value))
         db = self._target("kv_set", database, persist, writes=True)
         table = _table(db, KV_TABLE)
         replace = overwrite is None or bool(overwrite)
 
         def work(conn: Any) -> dict[str, Any]:
+            # A file (up to MAX_VALUE_BYTES) is read and parsed here, in the
+            # session's thread, never on the reactor's.
+            text, size = inline or _read_and_check(value_path)
             _create_kv(conn, table)
             with conn.transaction():
                 existed = conn.execute(
                     f"SELECT 1 FROM {table} WHERE store_name = %s AND key = %s LIMIT 1",
                     (store, key)).fetchone() is not None
                 if existed and not replace:
-                    return {"stored": False, "created": False, "existed": True}
+                    return {"stored": False, "created": False, "existed": True,
+                            "value_bytes": size}
                 if existed:
                     conn.execute(f"UPDATE {table} SET value = %s WHERE store_name = %s AND "
                                  f"key = %s", (text, store, key))
                 else:
                     conn.execute(f"INSERT INTO {table} VALUES (%s, %s, %s)", (store, key, text))
-            return {"stored": True, "created": not existed}
+            return {"stored": True, "created": not existed, "value_bytes": size}
 
         def shaped(outcome: dict[str, Any]) -> dict[str, Any]:
-            result = {**outcome, "store": store, "key": key, "value_bytes": size,
-                      "resolved_database": db}
+            result = {**outcome, "store": store, "key": key, "resolved_database": db}
+            size = outcome["value_bytes"]
             if size > LARGE_VALUE_BYTES and outcome["stored"]:
                 result["warning"] = (f"the value is {size:,} bytes; the store is meant for "
                                      f"small things: keep large data in a table (load_data, "
