@@ -168,11 +168,9 @@ async def workspace(tools: Any) -> dict[str, Any]:
 
 
 async def saved_queries(tools: Any) -> list[dict[str, Any]]:
-    """The saved queries (none while the saved-query tools are not there)."""
-    try:
-        from hyperdaemon.mcp import memory
-    except ImportError:
-        return []
+    """The saved queries."""
+    from hyperdaemon.mcp import memory
+
     return list(await _wait(memory.saved_queries(tools)))
 
 
@@ -184,13 +182,9 @@ async def saved_query(tools: Any, name: str) -> dict[str, Any]:
     """
     from mcp.server.mcpserver.exceptions import ResourceNotFoundError
 
-    found = None
-    try:
-        from hyperdaemon.mcp import memory
-    except ImportError:
-        pass
-    else:
-        found = await _wait(memory.saved_query(tools, name))
+    from hyperdaemon.mcp import memory
+
+    found = await _wait(memory.saved_query(tools, name))
     if found is None:
         known = [q["name"] for q in await saved_queries(tools)]
         listed = ", ".join(map(repr, known)) if known else "none"
