@@ -601,12 +601,9 @@ def main(argv: list[str] | None = None) -> int:
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", host.stop)
+    # Stopping listening (host.stop) removed the socket: removing the path
+    # again now could take the next host's.
     reactor.run()
-    try:
-        if os.path.exists(host.socket_path):
-            os.unlink(host.socket_path)
-    except OSError:
-        pass
     sys.stdout.flush()
     sys.stderr.flush()
     # Sessions' worker threads are done; nothing else may hold the exit up.

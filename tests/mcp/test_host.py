@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 import pytest
+import pytest_twisted
 
 from support import QUICK, READY_TIMEOUT, pid_alive, run_as, status, wait_for
 from mcp_support import McpTestCase, ToolCallError
@@ -480,3 +481,20 @@ def test_the_launcher_talks_only_to_a_host_of_its_own_user(monkeypatch: Any) -> 
             assert launcher.connect(path) is None
     finally:
         shutil.rmtree(folder)
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_stopped_host_has_removed_its_socket() -> None:
+    from twisted.internet import reactor
+
+    from hyperdaemon.mcp.host import McpHost
+
+    state = Path(tempfile.mkdtemp(dir="/tmp"))
+    try:
+        host = McpHost(reactor, state, daemon_port=1)
+        host.listen()
+        assert host.socket_path.exists()
+        await host.stop()
+        assert not host.socket_path.exists()
+    finally:
+        shutil.rmtree(state)
