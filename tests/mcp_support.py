@@ -9,8 +9,9 @@ import asyncio
 import contextlib
 import json
 import sys
+import time
 from pathlib import Path
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
@@ -98,3 +99,14 @@ class PlainRefusalsTestCase(McpTestCase):
         message = str(caught.exception)
         preamble = f"Error executing tool {tool}: "
         return message[len(preamble):] if message.startswith(preamble) else message
+
+
+async def eventually(predicate: Callable[[], Any], timeout: float, what: str,
+                     interval: float = 0.005) -> Any:
+    """L{support.wait_for} inside asyncio code: poll C{predicate} without blocking the loop."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+        await asyncio.sleep(interval)
+    return value

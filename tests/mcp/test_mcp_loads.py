@@ -13,10 +13,10 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from support import QUICK, pid_alive, status, wait_for
-from mcp_support import ReportingTestCase, ToolCallError
+from mcp_support import ReportingTestCase, ToolCallError, eventually
 
 #: A bound on a 150,000-row inline load; the row-by-row loader took 59 to 115 s.
 BIG_LOAD_BOUND = 30.0
@@ -25,16 +25,6 @@ BIG_LOAD_BOUND = 30.0
 SIGTERM_ROWS = 3_000_000
 #: A bound on the exit after a SIGTERM during that load; it takes 0.1 s.
 PROMPT = 5.0
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """L{support.wait_for} inside asyncio code: poll C{predicate} without blocking the loop."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.02)
-    return value
 
 
 def _day(i: int) -> str:

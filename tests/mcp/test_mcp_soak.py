@@ -10,9 +10,7 @@ import json
 import time
 from typing import Any, Awaitable, Callable
 
-import pytest
-
-from mcp_support import CSV, McpTestCase, ToolCallError
+from mcp_support import CSV, ReportingTestCase, ToolCallError
 
 #: Calls in the session.
 CALLS = 200
@@ -20,11 +18,7 @@ CALLS = 200
 SOAK_BOUND = 50.0
 
 
-class SoakTests(McpTestCase):
-    @pytest.fixture(autouse=True)
-    def _capsys(self, capsys: pytest.CaptureFixture[str]) -> None:
-        self._capture = capsys
-
+class SoakTests(ReportingTestCase):
     def test_200_mixed_calls_in_one_session_all_behave(self) -> None:
         events = self.tmp / "events.jsonl"
         events.write_text("".join(json.dumps({"kind": k, "n": n}) + "\n"
@@ -139,8 +133,7 @@ class SoakTests(McpTestCase):
 
         elapsed = self.drive(go())
         self.assertEqual(len(done), CALLS + 1)  # the export before the clock started
-        with self._capture.disabled():
-            print(f"\n[soak] {CALLS} calls in one session: {elapsed:.1f} s", flush=True)
+        self.report(f"{CALLS} calls in one session: {elapsed:.1f} s")
         self.assertLess(elapsed, SOAK_BOUND)
 
     async def _check(self, call: Awaitable[Any], holds: Callable[[Any], bool]) -> None:

@@ -6,7 +6,6 @@ test reactor's inotify with a stand-in for the load.
 
 from __future__ import annotations
 
-import asyncio
 import csv
 import datetime
 import os
@@ -20,21 +19,11 @@ from twisted.internet import defer
 
 from hyperdaemon.mcp import watch
 from hyperdaemon.mcp.tools import ToolFailure, Tools
-from mcp_support import McpTestCase, ToolCallError
+from mcp_support import ReportingTestCase, ToolCallError, eventually
 from support import QUICK
 
 #: What watch_directory promises: a file is loaded this soon after its sentinel.
 PROMPT_LOAD = 2.0
-
-
-async def eventually(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
-    """Poll C{predicate} inside asyncio code, without blocking the loop."""
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
-        await asyncio.sleep(0.005)
-    return value
 
 
 def write_rows(path: Path, rows: int, start: int = 0) -> dict[str, Any]:
@@ -65,17 +54,12 @@ def drop(folder: Path, name: str, rows: int = 1000, start: int = 0) -> tuple[Pat
     return data, sentinel
 
 
-class WatchTestCase(McpTestCase):
+class WatchTestCase(ReportingTestCase):
     @pytest.fixture(autouse=True)
-    def _more(self, _tmp: None, capsys: pytest.CaptureFixture[str], tmpfs: Any) -> None:
-        self._capture = capsys
+    def _more(self, _tmp: None, tmpfs: Any) -> None:
         self.tmpfs = tmpfs
         self.inbox = self.tmp / "inbox"
         self.inbox.mkdir()
-
-    def report(self, line: str) -> None:
-        with self._capture.disabled():
-            print(f"\n[{self.id().rsplit('.', 1)[-1]}] {line}", flush=True)
 
 
 class WatchLoadTests(WatchTestCase):
