@@ -97,9 +97,12 @@ class McpHostSupervisorTests:
             self, made: list[McpHostSupervisor], tmp_path: Path) -> None:
         supervisor = supervisor_for(made, tmp_path)
         pid = (await supervisor.ensure())["pid"]
+        started = reactor.seconds()
         await supervisor.stopService()
-        # It ignores SIGTERM: it went because its stdin closed.
+        # It ignores SIGTERM: it went because its stdin closed, not killed
+        # once the grace ran out.
         assert not pid_alive(pid)
+        assert reactor.seconds() - started < supervisor.stop_grace
         with pytest.raises(McpHostUnavailable, match="stopping"):
             await supervisor.ensure()
 
