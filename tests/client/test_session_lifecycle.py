@@ -5,16 +5,17 @@ during a long statement is prompt and leaves nothing behind.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import textwrap
-import time
+from pathlib import Path
 
 import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
-from support import QUICK, READY_TIMEOUT, Clients, until
+from support import QUICK, READY_TIMEOUT, Clients, until, wait_for
 
 #: Clients spawn daemons and hyperds: more time than an asynchronous test's default.
 pytestmark = pytest.mark.deadline(180)
@@ -45,14 +46,9 @@ class EndingTests:
                                  capture_output=True, text=True, timeout=READY_TIMEOUT,
                                  stdin=subprocess.DEVNULL)
         assert started.returncode == 0, started.stderr
-        import json
-        from pathlib import Path
-
         folder = Path(json.loads(started.stdout)["ephemeral_db"]).parent
         # The daemon saw the connection drop without BYE and cleans up.
-        deadline = time.monotonic() + QUICK
-        while folder.exists() and time.monotonic() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: not folder.exists(), QUICK, "the session's folder to be removed")
         assert not folder.exists()
         assert clients.daemon_status()["sessions"] == []
 
