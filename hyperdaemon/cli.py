@@ -145,19 +145,30 @@ def _fail(message: str, code: int = 1) -> int:
     return code
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+def main(argv: Sequence[str] | None = None, early_host: Any = None) -> int:
+    """
+    C{hyperdb-mcp}'s command line; C{early_host}: the MCP host that the
+    entry point started for a daemon (L{hyperdaemon.daemon.hoststart}).
+    """
+    try:
+        args = build_parser().parse_args(argv)
+    except BaseException:
+        if early_host is not None:
+            early_host.discard()
+        raise
     options = vars(args)
     if args.command != "daemon":
         from hyperdaemon.mcp.launcher import launch
 
         return launch(options)
     action = options.get("action")
+    if action in ("status", "stop") and early_host is not None:
+        early_host.discard()
     if action == "status":
         return daemon_status(options)
     if action == "stop":
         return daemon_stop(options)
-    return run_daemon(options)
+    return run_daemon(options, early_host)
 
 
 def _skipped(probe: PortProbe) -> None:
@@ -364,14 +375,20 @@ def _without_openssl() -> None:
         sys.modules.setdefault(name, None)  # type: ignore[arg-type]
 
 
-def run_daemon(options: dict[str, Any]) -> int:
-    """Run the daemon in this process until it stops; its exit code."""
+def run_daemon(options: dict[str, Any], early_host: Any = None) -> int:
+    """
+    Run the daemon in this process until it stops; its exit code.
+    C{early_host}: the MCP host already started for it
+    (L{hyperdaemon.daemon.hoststart}), which it adopts, or kills if it
+    does not run.
+    """
     _without_openssl()
     # Start-up makes tens of thousands of objects that live as long as the
     # process (modules, classes): no collection passes over them while they
     # are made, and none afterwards (gc.freeze), where a full pass would
     # stall the reactor for about 10 ms every few thousand connections.
     gc.disable()
+    early = early_host
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
@@ -380,14 +397,13 @@ def run_daemon(options: dict[str, Any]) -> int:
 
     ready_fd = options.get("ready_fd")
     try:
-        service = build_service(options, reactor)
+        service = build_service(options, reactor, early_host=early)
         service.privilegedStartService()
-    except AlreadyRunning as e:
-        tell_spawner(ready_fd, f"EXISTS {e.port}")
-        print(f"{PROG} daemon: {e}", file=sys.stderr)
-        return 1
-    except StartupError as e:
-        tell_spawner(ready_fd, f"ERROR {e}")
+    except (AlreadyRunning, StartupError) as e:
+        if early is not None:
+            early.discard()
+        answer = f"EXISTS {e.port}" if isinstance(e, AlreadyRunning) else f"ERROR {e}"
+        tell_spawner(ready_fd, answer)
         print(f"{PROG} daemon: {e}", file=sys.stderr)
         return 1
     # A spawned daemon logs to daemon.log only; its stderr is for crashes.

@@ -181,3 +181,27 @@ def hyperd_executable(environ: Mapping[str, str]) -> Path:
     if not os.access(path, os.X_OK):
         raise ConfigError(f"hyperd at {path} (from {source}) is not executable: {fix}.")
     return path
+
+
+def check_persistent_db(path: Path) -> None:
+    """
+    Make the persistent database's folder exist and check that the file is,
+    or can be made, there: before a session starts anything, so that a bad
+    path fails the open at once and leaves nothing running.
+
+    @raise ConfigError: one sentence naming the path, what it is for, and
+        the fix.
+    """
+    fix = ("choose another file with --persistent-db or HYPERDB_PERSISTENT_DB, "
+           "or do without one (--ephemeral-only)")
+    if os.path.isdir(path):
+        raise ConfigError(f"The persistent database {path} is a folder, not a .hyper file; "
+                          f"{fix}.")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"Cannot create the folder {path.parent} for the persistent database "
+                          f"{path}: {e.strerror}; {fix}.") from None
+    if not os.path.lexists(path) and not os.access(path.parent, os.W_OK):
+        raise ConfigError(f"Cannot create the persistent database {path}: its folder is not "
+                          f"writable; {fix}.")

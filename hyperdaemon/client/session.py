@@ -46,7 +46,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from hyperdaemon import __version__, peeruid
-from hyperdaemon.config import HYPERD_USER, ConfigError
+from hyperdaemon.config import HYPERD_USER, ConfigError, check_persistent_db
 from hyperdaemon.discovery import SESSIONS_NAME, CorruptDiscovery, read_record
 from hyperdaemon.client.finder import DaemonAddress, Finder
 from hyperdaemon.client.sharedfiles import NotDurable, SharedFile, take_hold, wait_until_written
@@ -610,30 +610,6 @@ def default_persistent_db(environ: dict[str, str] | None = None) -> Path:
     if not data or not os.path.isabs(data):  # the XDG spec ignores relative paths
         data = os.path.join(os.path.expanduser("~"), ".local", "share")
     return Path(data) / "hyperdb" / "workspace.hyper"
-
-
-def check_persistent_db(path: Path) -> None:
-    """
-    Make the persistent database's folder exist and check that the file is,
-    or can be made, there: before a session starts anything, so that a bad
-    path fails the open at once and leaves nothing running.
-
-    @raise ConfigError: one sentence naming the path, what it is for, and
-        the fix.
-    """
-    fix = ("choose another file with --persistent-db or HYPERDB_PERSISTENT_DB, "
-           "or do without one (--ephemeral-only)")
-    if os.path.isdir(path):
-        raise ConfigError(f"The persistent database {path} is a folder, not a .hyper file; "
-                          f"{fix}.")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"Cannot create the folder {path.parent} for the persistent database "
-                          f"{path}: {e.strerror}; {fix}.") from None
-    if not os.path.lexists(path) and not os.access(path.parent, os.W_OK):
-        raise ConfigError(f"Cannot create the persistent database {path}: its folder is not "
-                          f"writable; {fix}.")
 
 
 class _WorkerPool(ThreadPool):

@@ -4,8 +4,10 @@ hyperdaemon.mcp.host} process per daemon, which serves the MCP sessions of
 every assistant of the user (see L{hyperdaemon.mcp.host}).
 
 The daemon starts it on demand (the C{MCP_HOST} command of the health
-protocol), or at once when it was spawned for an MCP client (so that the
-host's imports overlap C{hyperd}'s start).  The host says C{READY} on its
+protocol), or, when it was spawned for an MCP client, before it even
+imports Twisted (L{hyperdaemon.daemon.hoststart}), so that the host's
+imports overlap the daemon's own start and C{hyperd}'s: the supervisor then
+adopts that process (L{_AdoptedHost}) and tells it its port.  The host says C{READY} on its
 stdout once it accepts launchers on its socket; its stdin is a pipe from the
 daemon, so that it exits when the daemon dies, even by SIGKILL.  A host that
 dies is replaced at once, within a L{RestartBudget}; past it the daemon
@@ -17,16 +19,18 @@ from __future__ import annotations
 
 import os
 import signal
-import sys
+import socket as _socket
 from pathlib import Path
 from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet import defer, error
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.process import registerReapProcessHandler, unregisterReapProcessHandler
+from twisted.internet.protocol import Factory, ProcessProtocol, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from hyperdaemon.daemon.hoststart import HOST_ARGV, EarlyHost
 from hyperdaemon.daemon.supervisor import RestartBudget
 
 # The launcher (standard library only) owns the names both ends agree on:
@@ -119,6 +123,100 @@ class _HostProcess(ProcessProtocol):
             pass
 
 
+class _Stream(Protocol):
+    """One of an adopted host's streams: what it says goes to C{received}."""
+
+    def __init__(self, received: Any, lost: Any) -> None:
+        self._received = received
+        self._lost = lost
+
+    def dataReceived(self, data: bytes) -> None:
+        self._received(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:  # type: ignore[assignment]
+        self._lost()
+
+
+class _AdoptedHost:
+    """
+    The transport of a host started before the reactor
+    (L{hyperdaemon.daemon.hoststart}), as C{spawnProcess} would give one:
+    its streams are adopted as Unix socket connections, and Twisted's
+    C{SIGCHLD} handling reaps it (L{registerReapProcessHandler}).  Its
+    protocol hears of its end once it has exited and both streams have
+    closed, as with a spawned process.
+    """
+
+    def __init__(self, reactor: Any, early: EarlyHost, process: ProcessProtocol) -> None:
+        self.pid: int | None = early.pid
+        self._process = process
+        self._status: int | None = None
+        self._open = 2
+        self._stdio = _Stream(process.outReceived, self._stream_lost)
+        self._stderr = _Stream(process.errReceived, self._stream_lost)
+        try:
+            for stream, end in ((self._stdio, early.stdio), (self._stderr, early.stderr)):
+                factory = Factory.forProtocol(lambda s=stream: s)
+                factory.noisy = False
+                reactor.adoptStreamConnection(end.fileno(), _socket.AF_UNIX, factory)
+        finally:
+            early.close()  # adopting made copies
+        process.makeConnection(self)
+        registerReapProcessHandler(early.pid, self)
+
+    def write(self, data: bytes) -> None:
+        if self._stdio.transport is not None:
+            self._stdio.transport.write(data)
+
+    def closeStdin(self) -> None:
+        if self._stdio.transport is not None:
+            self._stdio.transport.loseWriteConnection()
+
+    def signalProcess(self, signum: int) -> None:
+        if self.pid is None:
+            raise error.ProcessExitedAlready()
+        os.kill(self.pid, signum)
+
+    # -- its end (Twisted's reaping calls these) --------------------------------
+
+    def reapProcess(self) -> None:
+        pid = self.pid
+        if pid is None:
+            return
+        try:
+            found, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            found, status = pid, 0
+        if found:
+            unregisterReapProcessHandler(pid, self)
+            self.processEnded(status)
+
+    def processEnded(self, status: int) -> None:
+        self.pid = None
+        self._status = status
+        self._maybe_ended()
+
+    def _stream_lost(self) -> None:
+        self._open -= 1
+        self._maybe_ended()
+
+    def _maybe_ended(self) -> None:
+        status = self._status
+        if status is None or self._open > 0:
+            return
+        self._status = None
+        self._open = -1  # once
+        if os.WIFSIGNALED(status):
+            reason: Exception = error.ProcessTerminated(signal=os.WTERMSIG(status),
+                                                        status=status)
+        elif os.waitstatus_to_exitcode(status) != 0:
+            reason = error.ProcessTerminated(exitCode=os.waitstatus_to_exitcode(status),
+                                             status=status)
+        else:
+            reason = error.ProcessDone(status)
+        self._process.processEnded(Failure(reason))
+
+
 class McpHostSupervisor(Service):
     """
     Starts the host when asked (L{ensure}), replaces it when it dies
@@ -131,14 +229,16 @@ class McpHostSupervisor(Service):
     def __init__(self, reactor: Any, state_dir: Path, daemon_port: int,
                  environ: dict[str, str] | None = None,
                  budget: RestartBudget | None = None,
-                 argv: list[str] | None = None) -> None:
+                 argv: list[str] | None = None, early: EarlyHost | None = None) -> None:
         self._reactor = reactor
         self.state_dir = state_dir
         self.daemon_port = daemon_port
         self._environ = dict(os.environ if environ is None else environ)
         self._environ.pop(START_VAR, None)
         self._budget = budget if budget is not None else RestartBudget(limit=5, window=60.0)
-        self._argv = argv or [sys.executable, "-m", "hyperdaemon.mcp.host"]
+        self._argv = argv or list(HOST_ARGV)
+        #: A host started with the daemon, adopted when this service starts.
+        self._early = early
         self._process: _HostProcess | None = None
         self._waiters: list[defer.Deferred[dict[str, Any]]] = []
         self._timeout: Any = None
@@ -159,6 +259,33 @@ class McpHostSupervisor(Service):
 
     def facts(self) -> dict[str, Any]:
         return {"pid": self.pid, "socket": str(self.socket)}
+
+    def startService(self) -> None:
+        super().startService()
+        early, self._early = self._early, None
+        if early is not None:
+            self._adopt(early)
+
+    def discard_early(self) -> None:
+        """The daemon stops before it ran its children: kill the host started with it."""
+        early, self._early = self._early, None
+        if early is not None:
+            early.discard()
+
+    def _adopt(self, early: EarlyHost) -> None:
+        process = _HostProcess(self)
+        self._process = process
+        try:
+            transport = _AdoptedHost(self._reactor, early, process)
+        except Exception:
+            _log.failure("could not adopt the MCP host started with the daemon")
+            self._process = None
+            early.discard()
+            return
+        # Now it may listen: this daemon runs, on this port.
+        transport.write(f"PORT {self.daemon_port}\n".encode())
+        _log.info("the MCP host (pid {pid}) started with the daemon", pid=process.pid)
+        self._timeout = self._reactor.callLater(self.ready_timeout, self._not_ready, process)
 
     # -- asking for it --------------------------------------------------------
 

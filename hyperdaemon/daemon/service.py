@@ -56,6 +56,7 @@ from hyperdaemon.daemon.sessions import (
     session_folder,
     sweep_orphans,
 )
+from hyperdaemon.daemon.hoststart import EarlyHost
 from hyperdaemon.daemon.mcphost import McpHostSupervisor
 from hyperdaemon.daemon.supervisor import HyperdInstance, HyperdSupervisor
 
@@ -194,6 +195,7 @@ class DaemonService(MultiService):
         on_shutdown: Callable[[], None],
         install_signal_handlers: bool = False,
         authorize: Authorizer = peeruid.same_user,
+        early_host: EarlyHost | None = None,
     ) -> None:
         super().__init__()
         self._reactor = reactor
@@ -215,7 +217,8 @@ class DaemonService(MultiService):
             on_ready=self._hyperd_ready,
             on_give_up=self._hyperd_gave_up,
         )
-        self.mcp_host = McpHostSupervisor(reactor, settings.state_dir, settings.port)
+        self.mcp_host = McpHostSupervisor(reactor, settings.state_dir, settings.port,
+                                          early=early_host)
         self.idle = IdleTimer(reactor, settings.idle_timeout, lambda: len(self.sessions), self._idled)
         self.idle.setServiceParent(self)
         self.sessions.on_change.append(self.idle.touch)
@@ -405,6 +408,7 @@ class DaemonService(MultiService):
 
     async def _stop(self) -> None:
         await defer.maybeDeferred(self.health.stopService)
+        self.mcp_host.discard_early()  # started with the daemon, which never ran it
         self.idle.stopService()
         if self.mcp_host.running:
             # Before hyperd: the host's sessions drop their databases.

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from twisted.python import usage
 
 from hyperdaemon import config
+from hyperdaemon.daemon.hoststart import EarlyHost
 from hyperdaemon.daemon.mcphost import START_VAR as MCP_HOST_VAR
 from hyperdaemon.daemon.service import AlreadyRunning, DaemonService, DaemonSettings, StartupError
 from hyperdaemon.discovery import StateDirError, prepare_state_dir
@@ -144,8 +145,13 @@ def resolve_settings(options: Mapping[str, Any], environ: Mapping[str, str]) -> 
     )
 
 
-def build_service(options: Mapping[str, Any], reactor: Any) -> DaemonService:
-    """The daemon service for these options, stopping C{reactor} when done."""
+def build_service(options: Mapping[str, Any], reactor: Any,
+                  early_host: EarlyHost | None = None) -> DaemonService:
+    """
+    The daemon service for these options, stopping C{reactor} when done;
+    with C{early_host}, the MCP host started with this process, which it
+    adopts.
+    """
     settings = resolve_settings(options, os.environ)
 
     def stop_reactor() -> None:
@@ -155,7 +161,8 @@ def build_service(options: Mapping[str, Any], reactor: Any) -> DaemonService:
         else:
             reactor.callWhenRunning(reactor.stop)
 
-    return DaemonService(reactor, settings, on_shutdown=stop_reactor, install_signal_handlers=True)
+    return DaemonService(reactor, settings, on_shutdown=stop_reactor, install_signal_handlers=True,
+                         early_host=early_host)
 
 
 def makeService(options: Options) -> DaemonService:

@@ -48,7 +48,7 @@ SOCKET_NAME = "mcp-host.sock"
 #: The variables a launcher passes on (the host keeps no others).
 PASSED_VARIABLES = ("HYPERDB_STATE_DIR", "HYPERDB_DAEMON_PORT", "HYPERDB_DAEMON_PORT_RANGE",
                     "HYPERDB_PERSISTENT_DB", "HYPERD_PATH", "HOME", "XDG_DATA_HOME")
-#: Set in a spawned daemon's environment: start the host with hyperd (the daemon reads it).
+#: Set in a spawned daemon's environment: start the host first (L{hyperdaemon.daemon.hoststart}).
 START_VAR = "HYPERDAEMON_MCP_HOST"
 #: Set in a launcher that started afresh after its cold start (see L{reach_host}).
 FRESH_VAR = "HYPERDAEMON_LAUNCHER_FRESH"
@@ -239,8 +239,7 @@ def check_settings(options, environ) -> None:
     import tempfile
     from pathlib import Path
 
-    from hyperdaemon.client.session import check_persistent_db
-    from hyperdaemon.config import ConfigError
+    from hyperdaemon.config import ConfigError, check_persistent_db
     from hyperdaemon.discovery import SESSIONS_NAME, StateDirError, prepare_state_dir
 
     try:
@@ -601,9 +600,13 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     options = launcher_options(argv)
     if options is None:
+        # A daemon spawned for a launcher starts its MCP host first thing.
+        from hyperdaemon.daemon.hoststart import start_for_daemon
+
+        early = start_for_daemon(argv, os.environ)
         from hyperdaemon.cli import main as command_line
 
-        return command_line(argv)
+        return command_line(argv, early_host=early)
     return launch(options)
 
 

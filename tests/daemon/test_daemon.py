@@ -294,6 +294,23 @@ class LifecycleTests(DaemonTestCase):
         assert "Traceback" not in out
         assert status(first.port)["pid"] == first.pid
 
+    def test_a_daemon_that_loses_its_port_kills_the_host_it_started(self) -> None:
+        from conftest import _leaked_hosts
+        from hyperdaemon.mcp.launcher import START_VAR
+
+        first = self.start_daemon("--idle-timeout", "0")
+        first.wait_ready()
+        other = self.tmp / "other-state"
+        # As a launcher spawns one: its host starts before the daemon knows
+        # whether it can run.
+        second = DaemonProcess(other, first.port, "--state-dir", str(other),
+                               env={START_VAR: "1"}).start()
+        self._daemons.append(second)
+        assert second.wait_exit() != 0
+        assert "already running" in second.output()
+        assert _leaked_hosts(other) == {}
+        assert status(first.port)["pid"] == first.pid
+
     def test_ping_and_status_answer_while_hyperd_starts(self) -> None:
         from hyperdaemon.config import hyperd_executable
 

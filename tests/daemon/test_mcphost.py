@@ -16,6 +16,7 @@ import pytest
 import pytest_twisted
 from twisted.internet import reactor
 
+from hyperdaemon.daemon.hoststart import EarlyHost, start_early
 from hyperdaemon.daemon.mcphost import McpHostSupervisor, McpHostUnavailable
 from hyperdaemon.daemon.supervisor import RestartBudget
 from support import QUICK, pid_alive, until, wait_for
@@ -33,6 +34,18 @@ sys.stdin.read()
 """
 
 
+#: A host started with the daemon (hoststart): it waits for its port on
+#: stdin, then is ready and reports what it was told as its one session.
+EARLY_STAND_IN = """
+import json, signal, sys
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+told = sys.stdin.readline().strip()
+print("READY", flush=True)
+print("SESSIONS " + json.dumps([{"told": told}]), flush=True)
+sys.stdin.read()
+"""
+
+
 @pytest_twisted.async_yield_fixture
 async def made(tmp_path: Path) -> AsyncIterator[list[McpHostSupervisor]]:
     supervisors: list[McpHostSupervisor] = []
@@ -43,9 +56,10 @@ async def made(tmp_path: Path) -> AsyncIterator[list[McpHostSupervisor]]:
 
 
 def supervisor_for(made: list[McpHostSupervisor], tmp_path: Path,
-                   budget: RestartBudget | None = None) -> McpHostSupervisor:
+                   budget: RestartBudget | None = None,
+                   early: EarlyHost | None = None) -> McpHostSupervisor:
     supervisor = McpHostSupervisor(reactor, tmp_path, 1234, budget=budget,
-                                   argv=[sys.executable, "-c", STAND_IN])
+                                   argv=[sys.executable, "-c", STAND_IN], early=early)
     supervisor.startService()
     made.append(supervisor)
     return supervisor
@@ -105,6 +119,77 @@ class McpHostSupervisorTests:
         assert reactor.seconds() - started < supervisor.stop_grace
         with pytest.raises(McpHostUnavailable, match="stopping"):
             await supervisor.ensure()
+
+
+def early_host(tmp_path: Path) -> EarlyHost:
+    early = start_early(str(tmp_path), dict(os.environ), argv=[sys.executable, "-c",
+                                                                EARLY_STAND_IN])
+    assert early is not None
+    return early
+
+
+class EarlyHostTests:
+    @pytest_twisted.ensureDeferred
+    async def test_the_host_started_with_the_daemon_is_adopted_and_told_its_port(
+            self, made: list[McpHostSupervisor], tmp_path: Path) -> None:
+        early = early_host(tmp_path)
+        supervisor = supervisor_for(made, tmp_path, early=early)
+        facts = await supervisor.ensure()
+        assert facts["pid"] == early.pid
+        await until(lambda: supervisor.status()["sessions"], QUICK, "the host's report")
+        assert supervisor.status()["sessions"] == [{"told": "PORT 1234"}]
+        assert (supervisor.status()["state"], supervisor.restarts) == ("ready", 0)
+
+    @pytest_twisted.ensureDeferred
+    async def test_an_adopted_host_that_dies_is_reaped_and_replaced(
+            self, made: list[McpHostSupervisor], tmp_path: Path) -> None:
+        early = early_host(tmp_path)
+        supervisor = supervisor_for(made, tmp_path, early=early)
+        await supervisor.ensure()
+        os.kill(early.pid, signal.SIGKILL)
+        await until(lambda: supervisor.restarts == 1 and supervisor.status()["state"] == "ready",
+                    QUICK, "a spawned host in its place")
+        assert supervisor.pid != early.pid
+        # Reaped: no zombie is left of it.
+        with pytest.raises(ChildProcessError):
+            os.waitpid(early.pid, os.WNOHANG)
+
+    @pytest_twisted.ensureDeferred
+    async def test_stopping_closes_an_adopted_hosts_pipe_and_waits_for_its_exit(
+            self, made: list[McpHostSupervisor], tmp_path: Path) -> None:
+        early = early_host(tmp_path)
+        supervisor = supervisor_for(made, tmp_path, early=early)
+        await supervisor.ensure()
+        started = reactor.seconds()
+        await supervisor.stopService()
+        # It ignores SIGTERM: its pipe's end made it go.
+        assert not pid_alive(early.pid)
+        assert reactor.seconds() - started < supervisor.stop_grace
+
+    def test_a_daemon_that_does_not_run_kills_the_host_started_with_it(
+            self, tmp_path: Path) -> None:
+        early = early_host(tmp_path)
+        supervisor = McpHostSupervisor(reactor, tmp_path, 1234, early=early)
+        supervisor.discard_early()
+        with pytest.raises(ChildProcessError):  # killed and reaped
+            os.waitpid(early.pid, os.WNOHANG)
+        supervisor.discard_early()  # once is enough
+
+    def test_only_a_daemon_spawned_for_a_launcher_starts_its_host_first(
+            self, tmp_path: Path) -> None:
+        from hyperdaemon.daemon.hoststart import start_for_daemon
+        from hyperdaemon.mcp.launcher import START_VAR
+
+        wanted = {START_VAR: "1"}
+        state = str(tmp_path)
+        for argv, environ in ((["daemon", "--state-dir", state], {}),
+                              (["daemon", "status", "--state-dir", state], wanted),
+                              (["daemon", "stop", "--state-dir", state], wanted),
+                              (["daemon", "--state-dir", "relative"], wanted),
+                              (["daemon", "--state-dir"], wanted),
+                              (["daemon"], wanted),
+                              (["--read-only"], wanted)):
+            assert start_for_daemon(argv, environ) is None, argv
 
 
 def test_the_leak_check_finds_a_host_of_this_run_even_unmarked(

@@ -86,6 +86,10 @@ class HostTests(McpTestCase):
         log = (self.state / "logs" / "daemon.log").read_text()
         self.assertIn("accepts launchers", log)
         self.assertNotIn("one server per session", log)
+        # Spawned for a launcher, the daemon started its host before its
+        # own imports (hoststart) and adopted it, rather than spawning one.
+        self.assertIn(f"the MCP host (pid {facts['host_pid']}) started with the daemon", log)
+        self.assertNotIn("started the MCP host", log)
         # The session closed with its launcher: its scratch database is gone.
         wait_for(lambda: not Path(facts["ephemeral_db"]).parent.exists(), QUICK,
                  "the session's folder to go")
