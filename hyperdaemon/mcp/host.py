@@ -216,7 +216,7 @@ class Served:
 class McpHost:
     """The host's connections, its spare server, and its lifetime."""
 
-    def __init__(self, reactor: Any, state_dir: Path, daemon_port: int,
+    def __init__(self, reactor: Any, state_dir: Path, daemon_port: int | None,
                  report: Callable[[str], None] = lambda line: None) -> None:
         self._reactor = reactor
         self.state_dir = state_dir
@@ -275,21 +275,40 @@ class McpHost:
                   f"share one ({e})", file=sys.stderr)
             self.server = None
 
+    def warm_up(self) -> None:
+        """
+        In a thread, once the host is ready: find the daemon and load what
+        a first statement needs, so that the first launcher does not wait
+        for them (a cold start's first query would pay about 0.15 s).
+        """
+        from hyperdaemon.mcp.tools import warm_up
+
+        try:
+            self.finder().ensure()
+        except Exception:
+            pass  # the first session finds it, or says why it cannot
+        warm_up()
+
     # -- sessions ----------------------------------------------------------------
 
-    def open_session(self, settings: LauncherSettings) -> Any:
-        """A Deferred of the launcher's client L{Session}, on this host's daemon."""
-        from hyperdaemon.client.session import Session
+    def finder(self) -> HostFinder:
+        """How this host's sessions find its daemon (found once, then known)."""
         from hyperdaemon.config import PortChoice
 
         if self._finder is None:
             port = self.daemon_port
             self._finder = HostFinder(self.state_dir, PortChoice(port, port, port),
                                       environ=dict(os.environ))
+        return self._finder
+
+    def open_session(self, settings: LauncherSettings) -> Any:
+        """A Deferred of the launcher's client L{Session}, on this host's daemon."""
+        from hyperdaemon.client.session import Session
+
         return Session.open(self._reactor, name="hyperdb-mcp",
                             persistent_db=settings.persistent_db,
                             ephemeral_only=settings.ephemeral_only,
-                            finder=self._finder, pid=settings.pid,
+                            finder=self.finder(), pid=settings.pid,
                             reattach=settings.ephemeral_db)
 
     def refusal(self, settings: LauncherSettings) -> str | None:
@@ -548,7 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hyperdaemon.mcp.host",
                                      description="The MCP host (started by the daemon).")
     parser.add_argument("--state-dir", required=True, type=Path)
-    parser.add_argument("--daemon-port", required=True, type=int)
+    parser.add_argument("--daemon-port", type=int,
+                        help="the daemon's port; without it, the host waits for a line "
+                             "'PORT <n>' on stdin before it listens")
     args = parser.parse_args(argv)
     # Start-up makes objects that live as long as the process (the SDK's
     # models): frozen once made, not collected over and over.
@@ -567,37 +588,83 @@ def main(argv: list[str] | None = None) -> int:
 
     globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
                                      redirectStandardIO=False)
+    outcome = {"code": 0}
+    state = {"prepared": False, "stopping": False}
+
+    def stop() -> None:
+        """Stop, once: the daemon closes its pipe and sends SIGTERM."""
+        if not state["stopping"] and reactor.running:
+            state["stopping"] = True
+            reactor.stop()
+
+    def fail(message: str) -> None:
+        print(f"hyperdb-mcp host: {message}", file=sys.stderr)
+        outcome["code"] = 1
+        stop()
 
     class DaemonPipe(Protocol):
         """stdin/stdout: the daemon's pipe.  Its end is the daemon's."""
 
+        _buffer = b""
+
+        def dataReceived(self, data: bytes) -> None:
+            # A host started with the daemon learns its port here (hoststart).
+            if host.daemon_port is not None:
+                return
+            self._buffer += data
+            line, found, self._buffer = self._buffer.partition(b"\n")
+            if not found:
+                self._buffer = line[-64:]
+                return
+            word, _, port = line.decode("ascii", "replace").partition(" ")
+            if word != "PORT" or not port.strip().isdigit():
+                fail(f"the daemon's first line is not 'PORT <n>': {line[:80]!r}")
+                return
+            host.daemon_port = int(port)
+            go_live()
+
         def connectionLost(self, reason: Any = None) -> None:
-            if reactor.running:
-                reactor.stop()
+            stop()
 
     pipe = DaemonPipe()
     stdio.StandardIO(pipe, reactor=reactor)
     host = McpHost(reactor, args.state_dir.absolute(), args.daemon_port,
                    report=lambda line: pipe.transport.write(line.encode() + b"\n"))
-    try:
-        host.listen()
-    except HostStartError as e:
-        print(f"hyperdb-mcp host: {e}", file=sys.stderr)
-        return 1
 
-    outcome = {"code": 0}
+    def go_live() -> None:
+        """Once prepared and told the port: listen, and say so."""
+        if not state["prepared"] or host.daemon_port is None or outcome["code"]:
+            return
+        if args.daemon_port is None:
+            try:
+                host.listen()
+            except HostStartError as e:
+                fail(str(e))
+                return
+        pipe.transport.write(b"READY\n")
+        reactor.callInThread(host.warm_up)
+
+    if args.daemon_port is not None:
+        try:
+            host.listen()
+        except HostStartError as e:
+            print(f"hyperdb-mcp host: {e}", file=sys.stderr)
+            return 1
 
     def start() -> None:
+        import signal
+
+        for signum in (signal.SIGTERM, signal.SIGINT):  # in place of the reactor's own
+            signal.signal(signum, lambda signum, frame: reactor.callFromThread(stop))
         try:
             host.prepare()
         except Exception as e:
-            print(f"hyperdb-mcp host: cannot serve: {e}", file=sys.stderr)
-            outcome["code"] = 1
-            reactor.stop()
+            fail(f"cannot serve: {e}")
             return
         gc.freeze()
         gc.enable()
-        pipe.transport.write(b"READY\n")
+        state["prepared"] = True
+        go_live()
 
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", host.stop)

@@ -123,6 +123,15 @@ def statement_count(sql: str) -> int:
     return count + pending
 
 
+def warm_up() -> None:
+    """
+    Do now what a session's first statement would pay for otherwise
+    (importing sqlglot, building its PostgreSQL dialect): the host calls it
+    in a thread once it is ready, beside the first launcher's handshake.
+    """
+    check_read_only("SELECT 1")
+
+
 def check_read_only(sql: str) -> ReadOnlyCheck:
     """
     Whether C{sql} is exactly one statement that only reads: a SELECT, a set
