@@ -96,6 +96,21 @@ class HostTests(McpTestCase):
         wait_for(lambda: self.daemon_facts()["mcp_host"]["sessions"] == [], QUICK,
                  "the host to drop the session")
 
+    def test_stopping_the_daemon_stops_its_host_cleanly(self) -> None:
+        async def go() -> dict[str, Any]:
+            async with self.server() as s:
+                return await self.call(s, "status")
+
+        facts = self.drive(go())
+        subprocess.run([sys.executable, "-m", "hyperdaemon", "daemon", "stop"], env=self.env,
+                       capture_output=True, timeout=READY_TIMEOUT, check=True)
+        self.assertFalse(pid_alive(facts["host_pid"]))
+        host_lines = [line for line in (self.state / "logs" / "daemon.log").read_text()
+                      .splitlines() if "mcp host[" in line]
+        # Told twice (its pipe closes, then SIGTERM), it stops once, quietly.
+        self.assertFalse([line for line in host_lines if "Traceback" in line
+                          or "#critical" in line or "#error" in line], host_lines)
+
     def test_daemon_status_shows_the_host_and_its_sessions(self) -> None:
         async def go() -> tuple[dict[str, Any], str]:
             async with self.server("--read-only") as s:
