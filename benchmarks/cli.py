@@ -205,7 +205,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     rows = []
     with_peer = len(targets) > 1
     for fig in figures(sizes):
-        if fig.measure not in which:
+        if fig.measure not in which or (fig.against_peer and not with_peer):
             continue
         ours_summary = summarize(rec.values.get("ours", {}).get(fig.key, []))
         theirs_summary = None

@@ -95,6 +95,19 @@ def time_loads(command: str, args: list[str], env: dict[str, str], errlog: Path,
     return asyncio.run(asyncio.wait_for(go(), SERVER_TIMEOUT + LOAD_TIMEOUT * len(loads)))
 
 
+def _server_pids(tags: list[str]) -> list[int]:
+    """The pids of the servers started with C{tags}."""
+    pids = []
+    for tag in tags:
+        # The server's children (a private hyperd) inherit the tag.
+        found = pids_with_env(TAG, tag)
+        found = [p for p in found if parent_of(p) not in found]
+        if len(found) != 1:
+            raise BenchError(f"found {len(found)} processes for one MCP server")
+        pids.extend(found)
+    return pids
+
+
 def _check(result: Any, what: str, needle: str | None) -> None:
     # Upstream answers a query with the SQL in a first block, the rows in the next.
     text = "\n".join(getattr(block, "text", "") for block in result.content or [])
@@ -103,12 +116,15 @@ def _check(result: Any, what: str, needle: str | None) -> None:
 
 
 def hold_servers(command: str, args: list[str], envs: list[dict[str, str]], errlog: Path,
-                 measure: Callable[[list[int]], Any], first_alone: bool = False) -> Any:
+                 measure: Callable[[list[int]], Any], first_alone: bool = False,
+                 measure_first: Callable[[list[int]], Any] | None = None) -> Any:
     """
     Start one server per environment at once (with C{first_alone}, the
     first one, then once it has answered, all the others); once each has
     answered a C{query}, call C{measure} with the servers' pids, then close
-    them all (cancelling any that will not close).
+    them all (cancelling any that will not close).  With C{measure_first}
+    (and C{first_alone}), call it too with the first server's pid while it
+    runs alone, and return both results, first's last.
     """
     from mcp.client.session import ClientSession
     from mcp.client.stdio import stdio_client
@@ -144,20 +160,16 @@ def hold_servers(command: str, args: list[str], envs: list[dict[str, str]], errl
         servers: list[asyncio.Task[None]] = []
         batches = [range(0, 1), range(1, len(envs))] if first_alone else [range(len(envs))]
         try:
+            alone = None
             for batch in batches:
                 new = [asyncio.create_task(one(dict(envs[i], **{TAG: tags[i]}), readies[i],
                                                release)) for i in batch]
                 servers.extend(new)
                 await started(new, [readies[i] for i in batch])
-            pids = []
-            for tag in tags:
-                # The server's children (a private hyperd) inherit the tag.
-                found = pids_with_env(TAG, tag)
-                found = [p for p in found if parent_of(p) not in found]
-                if len(found) != 1:
-                    raise BenchError(f"found {len(found)} processes for one MCP server")
-                pids.extend(found)
-            return measure(pids)
+                if measure_first is not None and alone is None:
+                    alone = measure_first(_server_pids(tags[:1]))
+            result = measure(_server_pids(tags))
+            return result if measure_first is None else (result, alone)
         finally:
             release.set()
             if servers:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import select
 import signal
@@ -405,15 +406,54 @@ def _rss_parts(clients: Sequence[int], daemon: int | None) -> tuple[int, dict[st
     parts["pss"] = {k: round(v / MB, 1) for k, v in pss.items()}
     parts["private"] = {k: round(v / MB, 1) for k, v in private.items()}
     parts["pss_total"] = sum(pss.values()) / MB
-    # What each assistant costs: its own process, and its share of the host.
+    # What each assistant costs with the host's base shared among them all.
     count = max(len(clients), 1)
-    parts["per_assistant_private"] = (private["clients"] + private.get("mcp host", 0)) / count / MB
-    parts["per_assistant_pss"] = (pss["clients"] + pss.get("mcp host", 0)) / count / MB
+    parts["sessions"] = len(clients)
+    parts["amortized_private"] = (private["clients"] + private.get("mcp host", 0)) / count / MB
+    parts["amortized_pss"] = (pss["clients"] + pss.get("mcp host", 0)) / count / MB
     return sum(rss.values()), parts
+
+
+def per_assistant(alone: dict[str, Any], many: dict[str, Any]) -> dict[str, float]:
+    """
+    What one more assistant costs, from the parts measured with one server
+    (C{alone}) and with N (C{many}): its own process (the mean of the N),
+    and what the host grows by per session (ours; upstream has no host);
+    and the whole machine's PSS as a line, C{fixed + N * per_session}.
+    """
+    n = many["sessions"]
+    if n < 2:
+        raise BenchError("the memory measure needs at least 2 sessions")
+    own_private = many["private"]["clients"] / n
+    own_pss = many["pss"]["clients"] / n
+    host_private = (many["private"].get("mcp host", 0) - alone["private"].get("mcp host", 0))
+    host_pss = (many["pss"].get("mcp host", 0) - alone["pss"].get("mcp host", 0))
+    per_session = (many["pss_total"] - alone["pss_total"]) / (n - 1)
+    return {"private": own_private + host_private / (n - 1),
+            "pss": own_pss + host_pss / (n - 1),
+            "host_private_per_session": host_private / (n - 1),
+            "pss_per_session": per_session,
+            "pss_fixed": alone["pss_total"] - per_session}
+
+
+def crossover(ours: dict[str, float], theirs: dict[str, float]) -> float:
+    """
+    The number of assistants from which ours needs less memory (PSS, whole
+    machine) than theirs, by the two lines of L{per_assistant}; infinite if
+    ours never does, 1 if it always does.
+    """
+    saved = theirs["pss_per_session"] - ours["pss_per_session"]
+    extra = ours["pss_fixed"] - theirs["pss_fixed"]
+    if extra <= 0:
+        return 1.0
+    if saved <= 0:
+        return math.inf
+    return float(math.floor(extra / saved) + 1)
 
 
 def memory(reaper: Reaper, targets: Sequence[Target], rec: Recorder, sessions: int) -> None:
     for rep in range(rec.repeats):
+        lines: dict[str, dict[str, float]] = {}
         for target in order(targets, rep):
             if target.sessions:
                 with rec.guard([target], 7, rep, "client library"):
@@ -426,18 +466,27 @@ def memory(reaper: Reaper, targets: Sequence[Target], rec: Recorder, sessions: i
                     rec.add(target, "mem_ratio", rep, private / shared)
                     _ratios(rec, target, rep, "mem")
             with rec.guard([target], 7, rep, "MCP servers"):
-                shared, one_daemon = _servers_memory(reaper, target, sessions, shared=True)
+                (shared, one_daemon), alone = _servers_memory(reaper, target, sessions,
+                                                              shared=True)
                 rec.extra(target, "mcp_mem_shared_parts_mb", one_daemon)
+                rec.extra(target, "mcp_mem_alone_parts_mb", alone)
                 private, parts = _servers_memory(reaper, target, sessions, shared=False)
                 rec.extra(target, "mcp_mem_private_parts_mb", parts)
+                each = per_assistant(alone, one_daemon)
+                lines[target.name] = each
+                rec.extra(target, "mcp_per_assistant_mb", each)
                 rec.add(target, "mcp_mem_shared_mb", rep, shared / MB)
                 rec.add(target, "mcp_mem_shared_pss_mb", rep, one_daemon["pss_total"])
-                rec.add(target, "mcp_assistant_private_mb", rep,
-                        one_daemon["per_assistant_private"])
-                rec.add(target, "mcp_assistant_pss_mb", rep, one_daemon["per_assistant_pss"])
+                rec.add(target, "mcp_assistant_private_mb", rep, each["private"])
+                rec.add(target, "mcp_assistant_pss_mb", rep, each["pss"])
+                rec.add(target, "mcp_assistant_amortized_private_mb", rep,
+                        one_daemon["amortized_private"])
                 rec.add(target, "mcp_mem_private_mb", rep, private / MB)
                 rec.add(target, "mcp_mem_ratio", rep, private / shared)
                 _ratios(rec, target, rep, "mcp_mem")
+        if "ours" in lines and "theirs" in lines:
+            ours = next(t for t in targets if t.name == "ours")
+            rec.add(ours, "mcp_crossover_n", rep, crossover(lines["ours"], lines["theirs"]))
 
 
 def _ratios(rec: Recorder, target: Target, rep: int, prefix: str) -> None:
@@ -530,9 +579,13 @@ def _servers_memory(reaper: Reaper, target: Target, count: int,
         def measure(pids: list[int]) -> tuple[int, dict[str, Any]]:
             return _rss_parts(pids, daemon.pid if daemon else None)
 
+        def measure_first(pids: list[int]) -> dict[str, Any]:
+            return measure(pids)[1]
+
         envs = [_own_persistent(env, sandbox, i, shared) for i in range(count)]
+        # Shared: the parts with the first server alone too (per_assistant).
         return hold_servers(command, args, envs, sandbox.logs / "mcp-servers.log", measure,
-                            first_alone=True)
+                            first_alone=True, measure_first=measure_first if shared else None)
     finally:
         _stop_quietly(daemon)
 

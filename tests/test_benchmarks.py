@@ -64,3 +64,32 @@ class QuickBenchmarkTests:
             assert isinstance(summary["median"], Real), figure["key"]
             assert isinstance(summary["min"], Real), figure["key"]
             assert isinstance(summary["max"], Real), figure["key"]
+
+
+def parts(clients: float, host: float, total: float, sessions: int) -> dict:
+    """Measure 7's parts of one run, as _rss_parts gives them (MB)."""
+    return {"sessions": sessions, "private": {"clients": clients, "mcp host": host},
+            "pss": {"clients": clients, "mcp host": host}, "pss_total": total}
+
+
+def test_an_assistant_costs_its_process_and_what_the_host_grows_by() -> None:
+    from benchmarks.measures import per_assistant
+
+    # Eight launchers of 5 MB; the host grows from 80 to 87 MB as 7 more come.
+    each = per_assistant(parts(5, 80, 300, 1), parts(40, 87, 380, 8))
+    assert each["private"] == pytest.approx(5 + 1)
+    assert each["host_private_per_session"] == pytest.approx(1)
+    # The whole machine: 300 MB with one, 380 with eight: 80/7 MB more each.
+    assert each["pss_per_session"] == pytest.approx(80 / 7)
+    assert each["pss_fixed"] == pytest.approx(300 - 80 / 7)
+
+
+def test_the_crossover_is_where_the_saving_per_assistant_repays_the_base() -> None:
+    from benchmarks.measures import crossover
+
+    ours = {"pss_fixed": 240.0, "pss_per_session": 6.0}
+    theirs = {"pss_fixed": 160.0, "pss_per_session": 8.0}
+    # 80 MB more to start with, 2 MB saved per assistant: less from the 41st.
+    assert crossover(ours, theirs) == 41
+    assert crossover(dict(ours, pss_fixed=150.0), theirs) == 1
+    assert crossover(dict(ours, pss_per_session=8.0), theirs) == float("inf")
