@@ -316,23 +316,31 @@ class Lane:
         except BaseException:
             return defer.fail()
 
-    def close(self) -> None:
+    def close(self) -> str | None:
         """
         Detach the shared file, then close the connection.  The detach is
         waited for: a connection's close lets hyperd drop its databases
         later, and the session's own detach must be the last one, which
         writes the file out (L{hyperdaemon.client.sharedfiles}).
+
+        @return: why this lane's changes to the shared file cannot be
+            told written, if its detach failed (hyperd went away, or the
+            load was cancelled); C{None} once detached.
         """
+        problem = None
         try:
             if self.shared is not None:
                 self.connection.execute(f"DETACH DATABASE {quote_identifier(self.shared)}")
-        except Exception:
-            pass
+        except Exception as e:
+            problem = (f"its connection could not detach {self.shared} ({type(e).__name__}: "
+                       f"{e}), so the load cannot be told written to disk; check the table "
+                       f"and load the file again if it is missing or short")
         finally:
             try:
                 self.connection.close()
             except Exception:
                 pass
+        return problem
 
 
 class LaneTools(Tools):
@@ -383,6 +391,7 @@ def load_all(tools: Tools, files: list[dict[str, Any]], concurrency: Any = None,
     def one(entry: dict[str, Any]) -> dict[str, Any]:
         shown = {"table": entry.get("table"), "path": entry.get("path")}
         lane = None
+        problem = None
         try:
             if stopping.is_set():
                 raise ToolFailure("the load was stopped: the server is shutting down")
@@ -391,16 +400,17 @@ def load_all(tools: Tools, files: list[dict[str, Any]], concurrency: Any = None,
                 lanes.add(lane)
             d = LaneTools(lane, mode, stopping, client).load_file(**entry, database=db)
             d.addErrback(_explain, None)
-            return {"path": entry.get("path"), **_settled(d)}
+            outcome = {"path": entry.get("path"), **_settled(d)}
         except ToolFailure as e:
-            return {**shown, "error": str(e)}
+            outcome = {**shown, "error": str(e)}
         except Exception as e:  # one file's trouble is that entry's, never the batch's
-            return {**shown, "error": f"{type(e).__name__}: {e}"}
+            outcome = {**shown, "error": f"{type(e).__name__}: {e}"}
         finally:
             if lane is not None:
                 with guard:
                     lanes.discard(lane)
-                lane.close()
+                problem = lane.close()
+        return entry_result(outcome, problem, shown)
 
     def in_turn(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
         return [one(dict(entry)) for entry in entries]
@@ -428,6 +438,18 @@ def load_all(tools: Tools, files: list[dict[str, Any]], concurrency: Any = None,
                             "failed": failed, "concurrency": min(width, len(groups))}}
 
     return session.call(work, writes={db}).addErrback(_explain, None)
+
+
+def entry_result(outcome: dict[str, Any], problem: str | None,
+                 shown: dict[str, Any]) -> dict[str, Any]:
+    """
+    A load_files entry's result: C{outcome}, unless its lane could not
+    detach the file (L{Lane.close}'s C{problem}), in which case a load that
+    went well is an error all the same: it is not known to be on disk.
+    """
+    if problem is None or "error" in outcome:
+        return outcome
+    return {**shown, "error": f"the file was loaded, but {problem}"}
 
 
 def _cancel(connection: Any) -> None:

@@ -564,3 +564,50 @@ def test_arrow_types_map_to_what_hyperd_reads() -> None:
                  pa.list_(pa.int64()): (pa.string(), "TEXT")}
     for kind, expected in converted.items():
         assert arrow_column(kind) == expected, kind
+
+
+class _Connection:
+    """A connection's stand-in that records statements; DETACH fails if told to."""
+
+    def __init__(self, detach_fails: bool) -> None:
+        self.detach_fails = detach_fails
+        self.log: list[str] = []
+
+    def execute(self, sql: str) -> None:
+        self.log.append(sql)
+        if sql.startswith("DETACH") and self.detach_fails:
+            raise OSError("server closed the connection unexpectedly")
+
+    def close(self) -> None:
+        self.log.append("close")
+
+
+@pytest.mark.parametrize("detach_fails", [False, True])
+def test_a_lane_detaches_before_it_closes_and_says_when_it_could_not(
+        detach_fails: bool) -> None:
+    from hyperdaemon.mcp.files import Lane
+
+    connection = _Connection(detach_fails)
+    problem = Lane(session=None, connection=connection, shared="workspace").close()
+    assert connection.log == ['DETACH DATABASE "workspace"', "close"]
+    if detach_fails:
+        assert problem is not None and "workspace" in problem and "load the file again" in problem
+    else:
+        assert problem is None
+    # A lane that attached no shared file has nothing to detach.
+    bare = _Connection(True)
+    assert Lane(session=None, connection=bare).close() is None
+    assert bare.log == ["close"]
+
+
+def test_a_load_whose_lane_could_not_detach_is_not_reported_loaded() -> None:
+    from hyperdaemon.mcp.files import entry_result
+
+    shown = {"table": "t", "path": "/d/t.csv"}
+    loaded = {"path": "/d/t.csv", "table": "t", "rows_loaded": 3}
+    assert entry_result(loaded, None, shown) == loaded
+    flagged = entry_result(loaded, "its connection could not detach it", shown)
+    assert flagged == {**shown, "error": "the file was loaded, but its connection could not "
+                                         "detach it"}
+    failed = {**shown, "error": "no such file"}
+    assert entry_result(failed, "its connection could not detach it", shown) == failed
