@@ -6,7 +6,10 @@ into a watched folder, then a sentinel named after the whole file
 (C{name.csv.ready}).  The sentinel says the data file is complete: the file
 is then appended to the watch's table, exactly as C{load_file} with
 C{mode="append"} would (through the session, so that a write to a shared
-database is on disk before the files go), and both files are deleted.
+database is on disk before the files go), and both files are deleted; or,
+when the table is in the session's scratch database (which goes with the
+session), moved into the folder's C{loaded/} subfolder, so that the data
+outlives the session somewhere.
 
 A file that fails to load is moved, with its sentinel, into the folder's
 C{failed/} subfolder, and its error is written beside it as
@@ -41,6 +44,8 @@ READY_SUFFIX = ".ready"
 ERROR_SUFFIX = ".error"
 #: The subfolder that failed files are moved into.
 FAILED_FOLDER = "failed"
+#: Where a watch into the scratch database keeps the files it loaded.
+LOADED_FOLDER = "loaded"
 #: Files loaded at once by one watch, unless told; and at most.
 DEFAULT_CONCURRENCY = 4
 MAX_CONCURRENCY = 32
@@ -124,11 +129,13 @@ class DirectoryWatch:
     poll_interval = 2.0
 
     def __init__(self, reactor: Any, folder: Path, table: str, database: str,
-                 concurrency: int, load: Callable[[Path], Any]) -> None:
+                 concurrency: int, load: Callable[[Path], Any], keep: bool = False) -> None:
         self.reactor = reactor
         self.folder = folder
         self.table = table
         self.database = database
+        #: Loaded files are moved into L{LOADED_FOLDER}, not deleted.
+        self.keep = keep
         self.concurrency = concurrency
         self.files_ingested = 0
         self.files_failed = 0
@@ -272,16 +279,34 @@ class DirectoryWatch:
                 return "left"  # the stop interrupted it: the file is not at fault
             self._set_aside(name, str(e))
             return "failed"
-        for done in (data, sentinel):
-            try:
-                done.unlink()
-            except FileNotFoundError:
-                pass
+        if self.keep:
+            self._keep(name)
+        else:
+            for done in (data, sentinel):
+                try:
+                    done.unlink()
+                except FileNotFoundError:
+                    pass
         self.files_ingested += 1
         log.info("watch of {folder}: {name} appended to {table} ({rows} rows)",
                  folder=str(self.folder), name=name, table=self.table,
                  rows=loaded.get("rows_loaded"))
         return "loaded"
+
+    def _keep(self, name: str) -> None:
+        """Move a loaded file and its sentinel into C{loaded/} (a name taken gets a number)."""
+        kept = self.folder / LOADED_FOLDER
+        try:
+            kept.mkdir(exist_ok=True)
+            data, sentinel, _ = set_aside_names(kept, name, os.path.lexists)
+            os.rename(self.folder / name, data)
+            os.rename(self.folder / (name + READY_SUFFIX), sentinel)
+        except OSError as e:
+            # Loaded, but it cannot be moved: never loaded twice.
+            self._given_up.add(name)
+            log.warn("watch of {folder}: {name} was loaded, but could not be moved into "
+                     "{kept}: {error}; it is left in place and not loaded again",
+                     folder=str(self.folder), name=name, kept=str(kept), error=str(e))
 
     def _set_aside(self, name: str, error: str) -> None:
         """Move a failed file and its sentinel into C{failed/}, its error beside them."""
@@ -338,7 +363,11 @@ def start_watch(tools: Any, reactor: Any, path: str, table: str,
     def load(data: Path) -> Any:
         return load_file(table=table, path=str(data), mode="append", database=db)
 
-    watch = DirectoryWatch(reactor, folder, table, db, count, load)
+    from hyperdaemon.client.session import EPHEMERAL_ALIAS
+
+    # A scratch table goes with the session: its files are kept, not deleted.
+    keep = db == EPHEMERAL_ALIAS
+    watch = DirectoryWatch(reactor, folder, table, db, count, load, keep=keep)
     tools.watches[key] = watch
     try:
         # Started in a context of its own: what the folder's events run
@@ -351,7 +380,8 @@ def start_watch(tools: Any, reactor: Any, path: str, table: str,
     return started.addCallback(lambda sweep: {
         "directory": key, "table": table, "database": db, "status": "watching",
         "max_concurrent": count, "initial_sweep": sweep,
-        "failed_folder": str(folder / FAILED_FOLDER)})
+        "failed_folder": str(folder / FAILED_FOLDER),
+        "loaded_folder": str(folder / LOADED_FOLDER) if keep else None})
 
 
 def stop_watch(tools: Any, path: str) -> defer.Deferred[dict[str, Any]]:
@@ -379,7 +409,8 @@ def register(kit: Any) -> None:
     from hyperdaemon.mcp import server
 
     class Sweep(kit.Result):
-        files_ingested: int = Field(description="Files loaded and deleted.")
+        files_ingested: int = Field(description="Files loaded (deleted, or kept in the "
+                                                "loaded folder).")
         files_failed: int = Field(description="Files moved into the failed folder.")
 
     class Watching(kit.Result):
@@ -393,6 +424,10 @@ def register(kit: Any) -> None:
         initial_sweep: Sweep = Field(description="The files that were complete already.")
         failed_folder: str = Field(description="Where files that fail to load are moved, "
                                                "each with its error in name.error.")
+        loaded_folder: str | None = Field(
+            None, description="Where loaded files are kept, when the table is in the "
+                              "session's scratch database (which goes with the session); "
+                              "null when they are deleted once on disk.")
 
     class Unwatched(kit.Result):
         """The watch stopped, and what it did."""
@@ -402,7 +437,7 @@ def register(kit: Any) -> None:
         database: str
         status: str = Field(description="`stopped`.")
         max_concurrent: int
-        files_ingested: int = Field(description="Files this watch loaded and deleted.")
+        files_ingested: int = Field(description="Files this watch loaded.")
         files_failed: int = Field(description="Files it moved into the failed folder.")
         last_error: str | None = Field(None, description="The latest failure, if any.")
 
@@ -410,7 +445,8 @@ def register(kit: Any) -> None:
                                           idempotent=False))
     async def watch_directory(
         path: Arg(str, "The folder to watch, by absolute path; it must exist and be "
-                       "writable (loaded files are deleted from it)."),
+                       "writable (loaded files are deleted from it, or moved into its "
+                       "loaded/ subfolder)."),
         table: Arg(str, "The table that every file dropped into the folder is appended "
                         "to, made by the first file if it does not exist."),
         max_concurrent: Arg(int | None, f"How many files are loaded at once, from 1 to "
@@ -423,9 +459,11 @@ def register(kit: Any) -> None:
         Load files into a table as they arrive in a folder: a producer writes
         a file (CSV, JSON, JSON lines or Parquet, as load_file reads), then an
         empty sentinel named after it with .ready added (orders.csv.ready); the
-        file is appended to the table and both are deleted. A file that fails
-        is moved into failed/ with its error in name.error beside it. Files
-        already complete are loaded first. The watch ends with the session or
+        file is appended to the table and both are deleted, or, for a table in
+        the scratch database (local, the default), moved into loaded/, since
+        that database goes with the session. A file that fails is moved into
+        failed/ with its error in name.error beside it. Files already complete
+        are loaded first. The watch ends with the session or
         with unwatch_directory; refused with --read-only.
         """
         from twisted.internet import reactor

@@ -65,6 +65,7 @@ class WatchTestCase(ReportingTestCase):
 class WatchLoadTests(WatchTestCase):
     def test_a_dropped_file_is_appended_within_2_s_of_its_sentinel_and_both_files_go(
             self) -> None:
+        # Into the scratch database (the default): the files are kept in loaded/.
         inbox = self.inbox
 
         async def go() -> tuple[Any, float, Any]:
@@ -104,7 +105,13 @@ class WatchLoadTests(WatchTestCase):
         types = {c["name"]: c["type"] for c in described["columns"]}
         self.assertEqual(types["day"], "date")
         self.assertEqual(types["at"], "timestamp")
-        self.assertEqual(os.listdir(inbox), [])
+        # The scratch table goes with the session; the producer's files do not.
+        self.assertEqual(started["loaded_folder"], str(inbox / "loaded"))
+        self.assertEqual(os.listdir(inbox), ["loaded"])
+        self.assertEqual(sorted(os.listdir(inbox / "loaded")),
+                         ["batch1.csv", "batch1.csv.ready", "batch2.csv", "batch2.csv.ready"])
+        with open(inbox / "loaded" / "batch2.csv", newline="", encoding="utf-8") as kept:
+            self.assertEqual(len(list(csv.reader(kept))), 11)  # the header and its 10 rows
 
     def test_files_complete_before_the_watch_starts_are_loaded_first(self) -> None:
         inbox = self.inbox
@@ -125,7 +132,9 @@ class WatchLoadTests(WatchTestCase):
         self.assertEqual(started["initial_sweep"], {"files_ingested": 2, "files_failed": 0})
         self.assertEqual(started["database"], "persistent")
         self.assertEqual(counted["rows"], [[12]])
-        # A file without its sentinel is not complete: it stays, unread.
+        # A file without its sentinel is not complete: it stays, unread; the
+        # others are on disk in the persistent database, and deleted.
+        self.assertIsNone(started["loaded_folder"])
         self.assertEqual(sorted(os.listdir(inbox)), ["unfinished.csv"])
 
     def test_a_file_that_fails_is_moved_aside_with_its_error_and_the_watch_goes_on(
@@ -163,7 +172,9 @@ class WatchLoadTests(WatchTestCase):
         self.assertEqual(counted["rows"], [[4]])
         self.assertEqual((stopped["files_ingested"], stopped["files_failed"]), (1, 3))
         self.assertEqual(stopped["status"], "stopped")
-        self.assertEqual(sorted(os.listdir(self.inbox)), ["failed"])
+        self.assertEqual(sorted(os.listdir(self.inbox)), ["failed", "loaded"])
+        self.assertEqual(sorted(os.listdir(self.inbox / "loaded")),
+                         ["good.csv", "good.csv.ready"])
 
     def test_unwatch_stops_loading(self) -> None:
         inbox, other = self.inbox, self.tmp / "other"
@@ -361,8 +372,9 @@ def watches() -> Any:
 
     made: list[watch.DirectoryWatch] = []
 
-    def make(folder: Path, load: Callable[[Path], Any]) -> watch.DirectoryWatch:
-        w = watch.DirectoryWatch(reactor, folder, "t", "local", 4, load)
+    def make(folder: Path, load: Callable[[Path], Any],
+             keep: bool = False) -> watch.DirectoryWatch:
+        w = watch.DirectoryWatch(reactor, folder, "t", "local", 4, load, keep=keep)
         made.append(w)
         return w
 
@@ -382,6 +394,23 @@ async def test_a_sentinel_made_while_watching_loads_its_file_and_both_go(
     loads.calls[0][1].callback({"rows_loaded": 2})
     assert not data.exists() and not sentinel.exists()
     assert w.files_ingested == 1
+
+
+async def test_a_watch_that_keeps_moves_each_loaded_file_into_loaded_under_a_free_name(
+        tmp_path: Path, watches: Any) -> None:
+    loads = FakeLoads()
+    w = watches(tmp_path, loads, keep=True)
+    await w.start()
+    for rows in (2, 3):  # the same name twice: the second is kept under a number
+        data, sentinel = drop(tmp_path, "a.csv", rows=rows)
+        await loads.called.get()
+        loads.calls[-1][1].callback({"rows_loaded": rows})
+        assert not data.exists() and not sentinel.exists()
+    kept = tmp_path / "loaded"
+    assert sorted(os.listdir(kept)) == ["1-a.csv", "1-a.csv.ready", "a.csv", "a.csv.ready"]
+    assert len((kept / "a.csv").read_text().splitlines()) < len(
+        (kept / "1-a.csv").read_text().splitlines())
+    assert w.files_ingested == 2
 
 
 async def test_a_stopped_watch_starts_no_load_and_waits_for_the_one_under_way(
