@@ -355,6 +355,39 @@ class Lines:
         return lines
 
 
+#: How the host (the SDK's models, in field order) begins a line with an id.
+_WITH_ID = b'{"jsonrpc":"2.0","id":'
+#: L{answered_id}'s word for a line that answers nothing (a request from the host).
+NOT_AN_ANSWER = object()
+
+
+def answered_id(line: bytes) -> object:
+    """
+    The id that a line from the host answers, read from its first bytes
+    only: a result (a query's rows, the tools' list) is never parsed, nor
+    copied.  L{NOT_AN_ANSWER} for a request the host sends; C{None} when the
+    line does not begin as the host writes one, for the caller to parse.
+    """
+    import json
+
+    if not line.startswith(_WITH_ID):
+        return NOT_AN_ANSWER if line.startswith(b'{"jsonrpc":"2.0","method":') else None
+    head = line[len(_WITH_ID):len(_WITH_ID) + 256]
+    try:
+        text = head.decode("ascii")
+        found, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:  # not ASCII, or an id longer than the head
+        return None
+    if not isinstance(found, (int, str)) or isinstance(found, bool):
+        return None
+    after = head[end:end + 10]
+    if after.startswith((b',"result":', b',"error":')):
+        return found
+    if after.startswith(b',"method":'):
+        return NOT_AN_ANSWER
+    return None
+
+
 class Relay:
     """
     Copies stdin to the host and the host to stdout, unchanged, and keeps
@@ -410,16 +443,22 @@ class Relay:
         """Note a line from the host; whether it goes to stdout."""
         import json
 
-        try:
-            message = json.loads(line)
-        except ValueError:
+        found = answered_id(line)
+        if found is None:
+            try:
+                message = json.loads(line)
+            except ValueError:
+                return True
+            if not (isinstance(message, dict) and "method" not in message and "id" in message):
+                return True
+            found = message["id"]
+        elif found is NOT_AN_ANSWER:
             return True
-        if isinstance(message, dict) and "method" not in message and "id" in message:
-            key = json.dumps(message["id"])
-            if self._swallow is not None and key == self._swallow:
-                self._swallow = None
-                return False
-            self.in_flight.pop(key, None)
+        key = json.dumps(found)
+        if self._swallow is not None and key == self._swallow:
+            self._swallow = None
+            return False
+        self.in_flight.pop(key, None)
         return True
 
     def _write_stdout(self, data: bytes) -> None:

@@ -517,3 +517,59 @@ async def test_a_stopped_host_has_removed_its_socket() -> None:
         assert not host.socket_path.exists()
     finally:
         shutil.rmtree(state)
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    (b'{"jsonrpc":"2.0","id":7,"result":{"rows":[[1]]}}', 7),
+    (b'{"jsonrpc":"2.0","id":"a,\\"b","error":{"code":-1,"message":"x"}}', 'a,"b'),
+    # A result is not parsed: even one that is not JSON is matched by its id.
+    (b'{"jsonrpc":"2.0","id":3,"result":' + b"x" * 1000, 3),
+])
+def test_the_launcher_reads_the_id_a_host_line_answers_from_its_first_bytes(
+        line: bytes, expected: Any) -> None:
+    from hyperdaemon.mcp.launcher import answered_id
+
+    assert answered_id(line) == expected
+
+
+@pytest.mark.parametrize("line", [
+    b'{"jsonrpc":"2.0","method":"notifications/progress","params":{}}',
+    b'{"jsonrpc":"2.0","id":9,"method":"sampling/createMessage","params":{}}',
+])
+def test_a_host_line_that_answers_nothing_is_told_apart(line: bytes) -> None:
+    from hyperdaemon.mcp.launcher import NOT_AN_ANSWER, answered_id
+
+    assert answered_id(line) is NOT_AN_ANSWER
+
+
+@pytest.mark.parametrize("line", [
+    b'{"id":1,"jsonrpc":"2.0","result":{}}',  # another order: parsed in full
+    b'{"jsonrpc":"2.0","id":"\xc3\xa9","result":{}}',  # not ASCII
+    b'{"jsonrpc":"2.0","id":true,"result":{}}',
+    b'{"jsonrpc":"2.0","id":' + b"1" * 300 + b',"result":{}}',
+    b'not json at all',
+])
+def test_a_host_line_the_launcher_cannot_read_quickly_is_left_to_the_parser(
+        line: bytes) -> None:
+    from hyperdaemon.mcp.launcher import answered_id
+
+    assert answered_id(line) is None
+
+
+def test_the_relay_forgets_a_request_once_answered_and_swallows_the_replayed_one() -> None:
+    from hyperdaemon.mcp.launcher import Relay
+
+    relay = Relay(socket.socket(socket.AF_UNIX), {}, b"", {}, {})
+    try:
+        relay.in_flight = {"1": 1, '"x"': "x", "2": 2}
+        assert relay._from_host_line(b'{"jsonrpc":"2.0","id":1,"result":{}}')
+        assert relay._from_host_line(b'{"id":"x","jsonrpc":"2.0","result":{}}')  # parsed
+        assert relay._from_host_line(b'{"jsonrpc":"2.0","id":2,"method":"ping"}')
+        assert relay.in_flight == {"2": 2}
+        relay._swallow = "5"
+        assert not relay._from_host_line(b'{"jsonrpc":"2.0","id":5,"result":{}}')
+        assert relay._swallow is None
+    finally:
+        relay.sock.close()
+        os.close(relay._wake_r)
+        os.close(relay._wake_w)
