@@ -618,6 +618,28 @@ class _WorkerPool(ThreadPool):
     threadFactory = functools.partial(threading.Thread, daemon=True)
 
 
+@attrs.define(eq=False)
+class SpareConnection:
+    """A connection to C{hyperd} made ahead of a session, with the credentials it used."""
+
+    connection: Any
+    credentials: Credentials
+
+    def take(self, credentials: Credentials) -> Any:
+        """The connection if it is sound and for C{credentials}; else None (it is closed)."""
+        connection = self.connection
+        if credentials == self.credentials and not _broken(connection):
+            return connection
+        self.close()
+        return None
+
+    def close(self) -> None:
+        try:
+            self.connection.close()
+        except Exception:
+            pass
+
+
 def connect_hyperd(credentials: Credentials) -> Any:
     """
     A psycopg connection (autocommit) to the C{hyperd} of C{credentials},
@@ -700,6 +722,8 @@ class Session:
         self.persistent_db = persistent_db
         self.credentials: Credentials | None = None
         self._connection: Any = None
+        #: A connection made ahead (L{open}'s C{connection}), until used.
+        self._spare: SpareConnection | None = None
         self._pool = _WorkerPool(1, 1, name="hyperdaemon-session")
         self._closed = False
         #: Shared files (the persistent database, files attached by name),
@@ -726,6 +750,7 @@ class Session:
         finder: Finder | None = None,
         pid: int | None = None,
         reattach: str | os.PathLike[str] | None = None,
+        connection: "SpareConnection | None" = None,
     ) -> defer.Deferred["Session"]:
         """
         Open a session: find or start the daemon (or, with C{no_daemon}, a
@@ -741,7 +766,10 @@ class Session:
         launchers).  C{reattach} is the ephemeral database of an earlier
         session of that process (its folder under the state directory,
         named after C{pid}): it is attached again, with what it holds; any
-        other path is ignored and a new database made.
+        other path is ignored and a new database made.  C{connection}: a
+        connection to C{hyperd} made ahead, used instead of connecting if it
+        is still sound and its credentials are still the ones (an MCP host
+        keeps one ready); the session owns it from then on.
 
         @return: a Deferred firing with the ready L{Session}, or failing
             with L{SessionError} / L{hyperdaemon.client.finder.DaemonUnavailable}.
@@ -752,8 +780,10 @@ class Session:
             reactor = global_reactor
         try:
             return cls._start(reactor, name, persistent_db, ephemeral_only, no_daemon,
-                              state_dir, port, environ, finder, pid, reattach)
+                              state_dir, port, environ, finder, pid, reattach, connection)
         except Exception:
+            if connection is not None:
+                connection.close()
             return defer.fail()
 
     @classmethod
@@ -762,7 +792,8 @@ class Session:
                no_daemon: bool, state_dir: str | None, port: str | int | None,
                environ: dict[str, str] | None, finder: Finder | None,
                pid: int | None = None,
-               reattach: str | os.PathLike[str] | None = None) -> defer.Deferred["Session"]:
+               reattach: str | os.PathLike[str] | None = None,
+               connection: "SpareConnection | None" = None) -> defer.Deferred["Session"]:
         environ = dict(os.environ if environ is None else environ)
         if finder is None:
             finder = Finder.from_environment(state_dir, port, environ)
@@ -776,18 +807,25 @@ class Session:
             persistent = (Path(os.path.abspath(os.path.expanduser(persistent_db)))
                           if persistent_db else default_persistent_db(environ))
         return defer.ensureDeferred(cls._open(reactor, source, persistent,
-                                              os.getpid() if pid is None else pid, reattach))
+                                              os.getpid() if pid is None else pid, reattach,
+                                              connection))
 
     @classmethod
     async def _open(cls, reactor: Any, source: HyperdSource,
                     persistent: Path | None, pid: int,
-                    reattach: str | os.PathLike[str] | None = None) -> "Session":
+                    reattach: str | os.PathLike[str] | None = None,
+                    connection: "SpareConnection | None" = None) -> "Session":
         from hyperdaemon.discovery import StateDirError, prepare_state_dir
 
         root = source.sessions_root
-        prepare_state_dir(root.parent)
-        if persistent is not None:
-            check_persistent_db(persistent)
+        try:
+            prepare_state_dir(root.parent)
+            if persistent is not None:
+                check_persistent_db(persistent)
+        except BaseException:
+            if connection is not None:
+                connection.close()
+            raise
         # A private folder, made exclusively, named for its owner's pid so
         # that a daemon can tell when its owner is gone.
         try:
@@ -799,6 +837,7 @@ class Session:
                 f"the state directory, or choose another with HYPERDB_STATE_DIR."
             ) from None
         session = cls(reactor, source, folder / EPHEMERAL_NAME, persistent)
+        session._spare = connection
         session._pool.start()
         # psycopg takes some 50 ms to import: the worker does it
         # while the daemon is found, or started.
@@ -841,6 +880,11 @@ class Session:
         for attempt in range(CONNECT_ATTEMPTS):
             credentials = blockingCallFromThread(self._reactor, self._fresh_credentials)
             self.credentials = credentials
+            spare, self._spare = self._spare, None
+            if spare is not None:
+                connection = spare.take(credentials)
+                if connection is not None:
+                    break
             try:
                 connection = connect_hyperd(credentials)
                 break
@@ -1195,6 +1239,9 @@ class Session:
         return defer.ensureDeferred(self._close(keep_ephemeral))
 
     async def _close(self, keep_ephemeral: bool = False) -> None:
+        spare, self._spare = self._spare, None
+        if spare is not None:  # never used: the session did not get that far
+            spare.close()
         dropped = False
         if self._pool.started:
             connection = self._connection

@@ -226,6 +226,8 @@ class McpHost:
         self._listening: Any = None
         self.server: Any = None
         self._finder: HostFinder | None = None
+        #: The scratch database and connection made ahead (L{start_spares}).
+        self.spares: Any = None
         #: The host is stopping: its sessions end, their launchers do not.
         self.stopping = False
 
@@ -289,6 +291,22 @@ class McpHost:
             pass  # the first session finds it, or says why it cannot
         warm_up()
 
+    def start_spares(self) -> None:
+        """Keep a scratch database and a connection ready for the next launcher."""
+        from hyperdaemon.client.healthclient import status
+        from hyperdaemon.client.session import Credentials
+        from hyperdaemon.discovery import SESSIONS_NAME
+        from hyperdaemon.mcp import spare
+
+        def build() -> Any:
+            facts = status(self.finder().ensure().port)
+            if facts.get("state") != "ready" or not facts.get("hyperd_endpoint"):
+                raise RuntimeError("the daemon's hyperd is not ready")
+            return spare.make(self.state_dir / SESSIONS_NAME, Credentials.from_facts(facts))
+
+        self.spares = spare.SpareKeeper(self._reactor, build)
+        self.spares.replenish()
+
     # -- sessions ----------------------------------------------------------------
 
     def finder(self) -> HostFinder:
@@ -305,11 +323,16 @@ class McpHost:
         """A Deferred of the launcher's client L{Session}, on this host's daemon."""
         from hyperdaemon.client.session import Session
 
+        reattach, connection = settings.ephemeral_db, None
+        if reattach is None and self.spares is not None:
+            taken = self.spares.take(settings.pid)
+            if taken is not None:
+                reattach, connection = taken
         return Session.open(self._reactor, name="hyperdb-mcp",
                             persistent_db=settings.persistent_db,
                             ephemeral_only=settings.ephemeral_only,
                             finder=self.finder(), pid=settings.pid,
-                            reattach=settings.ephemeral_db)
+                            reattach=reattach, connection=connection)
 
     def refusal(self, settings: LauncherSettings) -> str | None:
         """Why this host is not the one the launcher's settings choose, or None."""
@@ -335,6 +358,8 @@ class McpHost:
         from twisted.internet import defer
 
         self.stopping = True
+        if self.spares is not None:
+            self.spares.stop()
         waits = [c.end() for c in list(self.connections)]
         listening, self._listening = self._listening, None
         if listening is not None:
@@ -643,6 +668,7 @@ def main(argv: list[str] | None = None) -> int:
                 return
         pipe.transport.write(b"READY\n")
         reactor.callInThread(host.warm_up)
+        host.start_spares()
 
     if args.daemon_port is not None:
         try:

@@ -96,15 +96,55 @@ class HostTests(McpTestCase):
         wait_for(lambda: self.daemon_facts()["mcp_host"]["sessions"] == [], QUICK,
                  "the host to drop the session")
 
+    def spare_of(self, host_pid: int) -> Path:
+        """The scratch database that host C{host_pid} made ahead, once it has."""
+        from hyperdaemon.client.session import EPHEMERAL_NAME
+
+        return wait_for(lambda: next(iter(
+            (self.state / "sessions").glob(f"{host_pid}-spare-*/{EPHEMERAL_NAME}")), None),
+            QUICK, "the host's spare scratch database")
+
+    def test_a_launcher_gets_the_scratch_database_the_host_made_ahead(self) -> None:
+        async def first() -> dict[str, Any]:
+            async with self.server() as s:
+                return await self.call(s, "status")
+
+        host_pid = self.drive(first())["host_pid"]
+        spare = self.spare_of(host_pid)
+        made_ahead = spare.stat().st_ino
+
+        async def second() -> tuple[dict[str, Any], int]:
+            async with self.server() as s:
+                facts = await self.call(s, "status")
+                await self.call(s, "execute", sql=["CREATE TABLE mine (x int)",
+                                                   "INSERT INTO mine VALUES (5)"])
+                rows = (await self.call(s, "query", sql="SELECT x FROM mine"))["rows"]
+                self.assertEqual(rows, [[5]])
+                return facts, Path(facts["ephemeral_db"]).stat().st_ino
+
+        facts, inode = self.drive(second())
+        # The very file, moved into a folder named for the launcher.
+        self.assertEqual(inode, made_ahead)
+        self.assertTrue(Path(facts["ephemeral_db"]).parent.name.startswith(
+            f"{launcher_pid(facts)}-"))
+        self.assertFalse(spare.parent.exists())
+        # Another is made for the next launcher; the session's folder went with it.
+        self.assertNotEqual(self.spare_of(host_pid).stat().st_ino, made_ahead)
+        wait_for(lambda: not Path(facts["ephemeral_db"]).parent.exists(), QUICK,
+                 "the session's folder to go")
+
     def test_stopping_the_daemon_stops_its_host_cleanly(self) -> None:
         async def go() -> dict[str, Any]:
             async with self.server() as s:
                 return await self.call(s, "status")
 
         facts = self.drive(go())
+        self.spare_of(facts["host_pid"])
         subprocess.run([sys.executable, "-m", "hyperdaemon", "daemon", "stop"], env=self.env,
                        capture_output=True, timeout=READY_TIMEOUT, check=True)
         self.assertFalse(pid_alive(facts["host_pid"]))
+        # Its spare scratch database went with it.
+        self.assertEqual(list((self.state / "sessions").iterdir()), [])
         host_lines = [line for line in (self.state / "logs" / "daemon.log").read_text()
                       .splitlines() if "mcp host[" in line]
         # Told twice (its pipe closes, then SIGTERM), it stops once, quietly.
