@@ -260,10 +260,16 @@ class McpHost:
             raise HostStartError(f"cannot listen on {path}: {e.socketError}") from None
 
     def prepare(self) -> None:
-        """Import what sessions need and make the one server."""
+        """
+        Import what sessions need and make the one server; and load what a
+        first statement's checks need (L{hyperdaemon.mcp.tools.warm_up}):
+        done now, it does not compete with the first launchers' sessions
+        (a first query would otherwise pay about 0.1 s).
+        """
         import psycopg  # noqa: F401  (each session's worker would import it)
 
         from hyperdaemon.mcp.server import build_server
+        from hyperdaemon.mcp.tools import warm_up
 
         def name_session(label: str) -> None:
             CURRENT_SESSION.get().renamed(label)
@@ -276,20 +282,17 @@ class McpHost:
             print(f"hyperdb-mcp host: one server per session, since a tool family cannot "
                   f"share one ({e})", file=sys.stderr)
             self.server = None
+        warm_up()
 
-    def warm_up(self) -> None:
+    def find_daemon(self) -> None:
         """
-        In a thread, once the host is ready: find the daemon and load what
-        a first statement needs, so that the first launcher does not wait
-        for them (a cold start's first query would pay about 0.15 s).
+        In a thread, once the host is ready: find the daemon, so that the
+        first launcher's session does not wait for its C{STATUS}.
         """
-        from hyperdaemon.mcp.tools import warm_up
-
         try:
             self.finder().ensure()
         except Exception:
             pass  # the first session finds it, or says why it cannot
-        warm_up()
 
     def start_spares(self) -> None:
         """Keep a scratch database and a connection ready for the next launcher."""
@@ -667,7 +670,7 @@ def main(argv: list[str] | None = None) -> int:
                 fail(str(e))
                 return
         pipe.transport.write(b"READY\n")
-        reactor.callInThread(host.warm_up)
+        reactor.callInThread(host.find_daemon)
         host.start_spares()
 
     if args.daemon_port is not None:

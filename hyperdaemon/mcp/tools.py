@@ -126,8 +126,8 @@ def statement_count(sql: str) -> int:
 def warm_up() -> None:
     """
     Do now what a session's first statement would pay for otherwise
-    (importing sqlglot, building its PostgreSQL dialect): the host calls it
-    in a thread once it is ready, beside the first launcher's handshake.
+    (importing sqlglot, building its PostgreSQL dialect): the MCP host calls
+    it as it prepares, before launchers come.
     """
     check_read_only("SELECT 1")
 
