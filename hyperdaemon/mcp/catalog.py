@@ -28,6 +28,7 @@ the tool returns, and refused under --read-only.  export's format C{iceberg}
 """
 
 import json
+import os
 import secrets
 import threading
 import time
@@ -672,6 +673,17 @@ def iceberg_copy_options(options: Any) -> str:
     return ", ".join(clauses)
 
 
+def set_aside_tables(target: Path) -> list[Path]:
+    """The folders where replacing the Iceberg table at C{target} set the old one aside."""
+    try:
+        names = sorted(os.listdir(target.parent))
+    except OSError:
+        return []
+    prefix = f".{target.name}.replaced-"
+    return [target.parent / name for name in names if name.startswith(prefix)
+            and (target.parent / name).is_dir() and not (target.parent / name).is_symlink()]
+
+
 def export_iceberg(tools: Any, path: str, sql: str | None, table: str | None,
                    overwrite: bool | None, format_options: Any,
                    database: str | None) -> defer.Deferred[Any]:
@@ -695,6 +707,15 @@ def export_iceberg(tools: Any, path: str, sql: str | None, table: str | None,
     if not target.parent.is_dir():
         raise ToolFailure(f"path: the folder {target.parent} does not exist; create it or "
                           f"choose another path")
+    left = set_aside_tables(target)
+    if left:
+        # An export replacing this table was cut off (the process killed):
+        # the table that was there waits beside it, hidden, and which of
+        # the two is whole cannot be told here.  The user decides.
+        raise ToolFailure(f"path: an earlier export to {target} was cut off while it replaced "
+                          f"the table there, which was kept at {left[0]}; check both, then "
+                          f"move the one to keep to {target} (or remove {left[0]}), and run "
+                          f"the export again")
     if os.path.lexists(target):
         if not target.is_dir() or target.is_symlink():
             raise ToolFailure(f"path: {target} exists and is not a folder, and an Iceberg table "

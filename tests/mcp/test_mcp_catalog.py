@@ -300,6 +300,22 @@ class IcebergExportTests(CatalogTestCase):
                 self.assertFalse((self.tmp / "o2").exists())
                 self.assertEqual([p.name for p in self.tmp.iterdir() if ".replaced-" in p.name],
                                  [])
+                # An export cut off while it replaced the table leaves the old
+                # one set aside: the next export says so, and touches neither.
+                aside = self.tmp / ".out.replaced-0badf00d"
+                out.rename(aside)
+                (out / "metadata").mkdir(parents=True)  # the cut-off export's start
+                for partial_there in (True, False):
+                    if not partial_there:
+                        shutil.rmtree(out)
+                    message = await self.refused(s, "export", path=str(out), format="iceberg",
+                                                 overwrite=True, table="events")
+                    self.assertIn(f"was kept at {aside}", message)
+                    self.assertTrue((aside / "metadata" / "v0.metadata.json").is_file())
+                    self.assertEqual(out.exists(), partial_there)
+                aside.rename(out)
+                await self.call(s, "load_iceberg", table="back", path=str(out))
+                self.assertEqual(await self.rows(s, "SELECT count(*) FROM back"), [[5]])
 
         self.drive(go())
 
