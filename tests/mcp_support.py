@@ -68,8 +68,15 @@ class McpTestCase(SynchronousTestCase):
             return text
 
     def sessions_left(self) -> list[Path]:
+        """
+        The session folders in the state directory: not the scratch database
+        the MCP host keeps ready for the next launcher (hyperdaemon.mcp.spare),
+        which is the host's while it runs.
+        """
+        from hyperdaemon.mcp.spare import SPARE_MARK
+
         root = self.state / "sessions"
-        return list(root.iterdir()) if root.exists() else []
+        return [p for p in root.iterdir() if SPARE_MARK not in p.name] if root.exists() else []
 
 
 class ToolCallError(Exception):

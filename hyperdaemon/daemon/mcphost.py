@@ -7,12 +7,12 @@ The daemon starts it on demand (the C{MCP_HOST} command of the health
 protocol), or, when it was spawned for an MCP client, before it even
 imports Twisted (L{hyperdaemon.daemon.hoststart}), so that the host's
 imports overlap the daemon's own start and C{hyperd}'s: the supervisor then
-adopts that process (L{_AdoptedHost}) and tells it its port.  The host says C{READY} on its
-stdout once it accepts launchers on its socket; its stdin is a pipe from the
-daemon, so that it exits when the daemon dies, even by SIGKILL.  A host that
-dies is replaced at once, within a L{RestartBudget}; past it the daemon
-stops asking for one, and launchers serve in their own process.  Its other
-output goes to the daemon's log.
+adopts that process (L{_AdoptedHost}) and tells it its port.  The host says
+C{READY} on its stdout once it accepts launchers on its socket; its stdin is
+a pipe (or socket) from the daemon, so that it exits when the daemon dies,
+even by SIGKILL.  A host that dies is replaced at once, within a
+L{RestartBudget}; past it the daemon stops asking for one, and launchers
+serve in their own process.  Its other output goes to the daemon's log.
 """
 
 from __future__ import annotations
