@@ -72,7 +72,14 @@ def parts(clients: float, host: float, total: float, sessions: int) -> dict:
             "pss": {"clients": clients, "mcp host": host}, "pss_total": total}
 
 
-def test_an_assistant_costs_its_process_and_what_the_host_grows_by() -> None:
+@pytest.fixture
+def benchmarks_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The benchmarks package, from the checkout (it is not installed)."""
+    monkeypatch.syspath_prepend(str(ROOT))
+
+
+def test_an_assistant_costs_its_process_and_what_the_host_grows_by(
+        benchmarks_importable: None) -> None:
     from benchmarks.measures import per_assistant
 
     # Eight launchers of 5 MB; the host grows from 80 to 87 MB as 7 more come.
@@ -84,7 +91,8 @@ def test_an_assistant_costs_its_process_and_what_the_host_grows_by() -> None:
     assert each["pss_fixed"] == pytest.approx(300 - 80 / 7)
 
 
-def test_the_crossover_is_where_the_saving_per_assistant_repays_the_base() -> None:
+def test_the_crossover_is_where_the_saving_per_assistant_repays_the_base(
+        benchmarks_importable: None) -> None:
     from benchmarks.measures import crossover
 
     ours = {"pss_fixed": 240.0, "pss_per_session": 6.0}
