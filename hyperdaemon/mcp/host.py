@@ -591,6 +591,24 @@ class LauncherConnection(Protocol):
                 host.changed()
 
 
+def quiet_ports(observer: Any) -> Any:
+    """
+    C{observer} without Twisted's lines about the socket's port ("... starting
+    on ...", "(UNIX Port ... Closed)"): the daemon says when its host listens
+    and stops, and these would only repeat it in its log.
+    """
+    from twisted.logger import FilteringLogObserver, PredicateResult
+
+    def about_the_port(event: dict[str, Any]) -> Any:
+        text = event.get("log_text") or ""
+        if (isinstance(text, str) and event.get("log_namespace") == "log_legacy"
+                and (text.startswith("(UNIX Port ") or " starting on " in text)):
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+    return FilteringLogObserver(observer, [about_the_port])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hyperdaemon.mcp.host",
                                      description="The MCP host (started by the daemon).")
@@ -614,7 +632,7 @@ def main(argv: list[str] | None = None) -> int:
     from twisted.internet.protocol import Protocol
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)],
+    globalLogBeginner.beginLoggingTo([quiet_ports(textFileLogObserver(sys.stderr))],
                                      redirectStandardIO=False)
     outcome = {"code": 0}
     state = {"prepared": False, "stopping": False}

@@ -150,6 +150,9 @@ class HostTests(McpTestCase):
         # Told twice (its pipe closes, then SIGTERM), it stops once, quietly.
         self.assertFalse([line for line in host_lines if "Traceback" in line
                           or "#critical" in line or "#error" in line], host_lines)
+        # Nor does it repeat, with Twisted's lines, what the daemon says of it.
+        self.assertFalse([line for line in host_lines if "starting on" in line
+                          or "Port" in line], host_lines)
 
     def test_daemon_status_shows_the_host_and_its_sessions(self) -> None:
         async def go() -> tuple[dict[str, Any], str]:
