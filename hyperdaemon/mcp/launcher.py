@@ -355,6 +355,66 @@ class Lines:
         return lines
 
 
+#: A client's line longer than this is read by its ends (L{request_head}) where it can be.
+PARSE_LIMIT = 65536
+#: How clients begin a request: the id first (the Python SDK), or the method first.
+_ID_FIRST = b'{"jsonrpc":"2.0","id":'
+_METHOD_FIRST = (b'{"jsonrpc":"2.0","method":', b'{"method":')
+
+
+def _value_at(line: bytes, start: int) -> "tuple[object, int] | None":
+    """The JSON string or number at C{start} of C{line}, and where it ends; None if not one."""
+    import json
+
+    head = line[start:start + 256]
+    try:
+        text = head.decode("ascii")
+        value, end = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        return None
+    return value, start + end
+
+
+def request_head(line: bytes) -> "tuple[str, object] | None":
+    """
+    The method and id of a client's request, read from the line's two ends,
+    never parsing what lies between (a load_data's megabytes of rows, which
+    the launcher would otherwise hold as Python objects): for a request that
+    begins C{{"jsonrpc":"2.0","id":<id>,"method":"<m>"}, or one that begins
+    with its method and ends C{"id":<id>}}.  None when the ends do not say
+    for sure: the caller parses the line.
+    """
+    if line.startswith(_ID_FIRST):
+        found = _value_at(line, len(_ID_FIRST))
+        if found is None:
+            return None
+        request_id, end = found
+        key = b',"method":'
+        if line[end:end + len(key)] != key:
+            return None
+        method = _value_at(line, end + len(key))
+        return (method[0], request_id) if method and isinstance(method[0], str) else None
+    for prefix in _METHOD_FIRST:
+        if line.startswith(prefix):
+            method = _value_at(line, len(prefix))
+            break
+    else:
+        return None
+    if method is None or not isinstance(method[0], str):
+        return None
+    tail = line.rstrip()
+    at = tail.rfind(b',"id":', max(0, len(tail) - 300))
+    if at < 0:
+        return None
+    found = _value_at(tail, at + len(b',"id":'))
+    # The id's value, then the object's one closing brace: a top-level member.
+    if found is None or tail[found[1]:] != b"}":
+        return None
+    return method[0], found[0]
+
+
 #: How the host (the SDK's models, in field order) begins a line with an id.
 _WITH_ID = b'{"jsonrpc":"2.0","id":'
 #: L{answered_id}'s word for a line that answers nothing (a request from the host).
@@ -425,6 +485,11 @@ class Relay:
     def _note_from_client(self, line: bytes) -> None:
         import json
 
+        if len(line) > PARSE_LIMIT:
+            head = request_head(line)
+            if head is not None:  # a long request: its id, without parsing its data
+                self.in_flight[json.dumps(head[1])] = head[1]
+                return
         try:
             message = json.loads(line)
         except ValueError:

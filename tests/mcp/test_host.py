@@ -616,3 +616,55 @@ def test_the_relay_forgets_a_request_once_answered_and_swallows_the_replayed_one
         relay.sock.close()
         os.close(relay._wake_r)
         os.close(relay._wake_w)
+
+
+DATA = b'"' + b"x" * 70_000 + b'"'
+
+
+@pytest.mark.parametrize(("line", "expected"), [
+    # The Python SDK's order: the id first.
+    (b'{"jsonrpc":"2.0","id":12,"method":"tools/call","params":{"data":' + DATA + b"}}",
+     ("tools/call", 12)),
+    # The method first, the id last (as a JavaScript client builds it).
+    (b'{"method":"tools/call","params":{"data":' + DATA + b'},"jsonrpc":"2.0","id":"r-7"}\r',
+     ("tools/call", "r-7")),
+    (b'{"jsonrpc":"2.0","method":"tools/call","params":{"data":' + DATA + b'},"id":3}',
+     ("tools/call", 3)),
+])
+def test_the_launcher_reads_a_long_requests_method_and_id_from_its_ends(
+        line: bytes, expected: Any) -> None:
+    from hyperdaemon.mcp.launcher import request_head
+
+    assert request_head(line) == expected
+
+
+@pytest.mark.parametrize("line", [
+    # An id inside the params, at the end: not the request's.
+    b'{"method":"tools/call","params":{"data":' + DATA + b',"id":3}}',
+    b'{"method":"tools/call","params":[{"id":3}]}',
+    # No id at either end (a notification, or an id in the middle): parse it.
+    b'{"jsonrpc":"2.0","method":"notifications/x","params":{"data":' + DATA + b"}}",
+    b'{"jsonrpc":"2.0","method":"x","id":4,"params":{"data":' + DATA + b"}}",
+    b'{"params":{},"jsonrpc":"2.0","id":1,"method":"x"}',
+    b'{"jsonrpc":"2.0","id":1,"result":{}}',
+])
+def test_a_request_whose_ends_do_not_say_for_sure_is_left_to_the_parser(line: bytes) -> None:
+    from hyperdaemon.mcp.launcher import request_head
+
+    assert request_head(line) is None
+
+
+def test_the_relay_tracks_a_long_request_without_parsing_it() -> None:
+    from hyperdaemon.mcp.launcher import Relay
+
+    relay = Relay(socket.socket(socket.AF_UNIX), {}, b"", {}, {})
+    try:
+        # Not JSON between its ends: only the ends were read.
+        relay._note_from_client(b'{"jsonrpc":"2.0","id":9,"method":"tools/call","params":'
+                                + b"not json " * 10_000 + b"}")
+        relay._note_from_client(b'{"jsonrpc":"2.0","id":10,"method":"tools/list"}')
+        assert relay.in_flight == {"9": 9, "10": 10}
+    finally:
+        relay.sock.close()
+        os.close(relay._wake_r)
+        os.close(relay._wake_w)
