@@ -76,6 +76,23 @@ def start_for_daemon(argv: Sequence[str], environ: Mapping[str, str]) -> EarlyHo
                        {k: v for k, v in environ.items() if k != START_VAR})
 
 
+def inherited_fds() -> list[int]:
+    """This process's descriptors above stderr that a child would inherit."""
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        fd = int(name)
+        try:
+            if fd > 2 and os.get_inheritable(fd):
+                found.append(fd)
+        except OSError:  # the listing's own descriptor, closed since
+            pass
+    return found
+
+
 def start_early(state_dir: str, environ: Mapping[str, str],
                 argv: Sequence[str] = HOST_ARGV) -> EarlyHost | None:
     """
@@ -89,6 +106,9 @@ def start_early(state_dir: str, environ: Mapping[str, str],
     actions = [(os.POSIX_SPAWN_DUP2, host_stdio.fileno(), 0),
                (os.POSIX_SPAWN_DUP2, host_stdio.fileno(), 1),
                (os.POSIX_SPAWN_DUP2, host_stderr.fileno(), 2)]
+    # Nothing else of ours: the spawner's --ready-fd pipe, above all, whose
+    # end the spawner waits for.
+    actions += [(os.POSIX_SPAWN_CLOSE, fd) for fd in inherited_fds()]
     try:
         pid = os.posix_spawn(argv[0], argv, dict(environ), file_actions=actions)
     except OSError:

@@ -166,6 +166,24 @@ class EarlyHostTests:
         assert not pid_alive(early.pid)
         assert reactor.seconds() - started < supervisor.stop_grace
 
+    def test_the_host_started_early_holds_no_descriptor_of_the_daemons(
+            self, tmp_path: Path) -> None:
+        import select
+
+        # As the spawner's --ready-fd pipe is in the daemon: inheritable.
+        ready_r, ready_w = os.pipe()
+        os.set_inheritable(ready_w, True)
+        early = early_host(tmp_path)
+        try:
+            os.close(ready_w)
+            # The spawner hears the daemon's end at once, not the host's.
+            readable, _, _ = select.select([ready_r], [], [], QUICK)
+            assert readable and os.read(ready_r, 1) == b""
+            assert pid_alive(early.pid)
+        finally:
+            os.close(ready_r)
+            early.discard()
+
     def test_a_daemon_that_does_not_run_kills_the_host_started_with_it(
             self, tmp_path: Path) -> None:
         early = early_host(tmp_path)
