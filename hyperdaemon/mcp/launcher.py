@@ -366,13 +366,15 @@ def _value_at(line: bytes, start: int) -> "tuple[object, int] | None":
     """The JSON string or number at C{start} of C{line}, and where it ends; None if not one."""
     import json
 
-    head = line[start:start + 256]
+    # One character per byte, so that where the value ends is where its bytes
+    # do; the value itself must be ASCII for that (what follows may be anything).
+    text = line[start:start + 256].decode("latin-1")
     try:
-        text = head.decode("ascii")
         value, end = json.JSONDecoder().raw_decode(text)
     except ValueError:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
+    if (isinstance(value, bool) or not isinstance(value, (int, str))
+            or not text[:end].isascii()):
         return None
     return value, start + end
 
@@ -428,21 +430,14 @@ def answered_id(line: bytes) -> object:
     copied.  L{NOT_AN_ANSWER} for a request the host sends; C{None} when the
     line does not begin as the host writes one, for the caller to parse.
     """
-    import json
-
     if not line.startswith(_WITH_ID):
         return NOT_AN_ANSWER if line.startswith(b'{"jsonrpc":"2.0","method":') else None
-    head = line[len(_WITH_ID):len(_WITH_ID) + 256]
-    try:
-        text = head.decode("ascii")
-        found, end = json.JSONDecoder().raw_decode(text)
-    except ValueError:  # not ASCII, or an id longer than the head
+    found = _value_at(line, len(_WITH_ID))
+    if found is None:  # not an id, or one longer than what is read of it
         return None
-    if not isinstance(found, (int, str)) or isinstance(found, bool):
-        return None
-    after = head[end:end + 10]
+    after = line[found[1]:found[1] + 10]
     if after.startswith((b',"result":', b',"error":')):
-        return found
+        return found[0]
     if after.startswith(b',"method":'):
         return NOT_AN_ANSWER
     return None

@@ -567,6 +567,8 @@ async def test_a_stopped_host_has_removed_its_socket() -> None:
     (b'{"jsonrpc":"2.0","id":"a,\\"b","error":{"code":-1,"message":"x"}}', 'a,"b'),
     # A result is not parsed: even one that is not JSON is matched by its id.
     (b'{"jsonrpc":"2.0","id":3,"result":' + b"x" * 1000, 3),
+    # Nor does text that is not ASCII right after the id stand in the way.
+    (b'{"jsonrpc":"2.0","id":4,"result":{"text":"' + "東京".encode() * 100 + b'"}}', 4),
 ])
 def test_the_launcher_reads_the_id_a_host_line_answers_from_its_first_bytes(
         line: bytes, expected: Any) -> None:
@@ -630,6 +632,11 @@ DATA = b'"' + b"x" * 70_000 + b'"'
      ("tools/call", "r-7")),
     (b'{"jsonrpc":"2.0","method":"tools/call","params":{"data":' + DATA + b'},"id":3}',
      ("tools/call", 3)),
+    # Rows that are not ASCII right after the method, and before the id.
+    (b'{"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"data":"'
+     + "Zoë,Łódź\n".encode() * 10_000 + b'"}}', ("tools/call", 5)),
+    (b'{"method":"tools/call","params":{"data":"' + "Zoë\n".encode() * 20_000
+     + 'é"},"jsonrpc":"2.0","id":6}'.encode(), ("tools/call", 6)),
 ])
 def test_the_launcher_reads_a_long_requests_method_and_id_from_its_ends(
         line: bytes, expected: Any) -> None:
