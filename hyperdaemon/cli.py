@@ -157,18 +157,18 @@ def main(argv: Sequence[str] | None = None, early_host: Any = None) -> int:
             early_host.discard()
         raise
     options = vars(args)
+    action = options.get("action")
+    if args.command == "daemon" and action is None:
+        return run_daemon(options, early_host)
+    if early_host is not None:  # only a daemon that runs has a host
+        early_host.discard()
     if args.command != "daemon":
         from hyperdaemon.mcp.launcher import launch
 
         return launch(options)
-    action = options.get("action")
-    if action in ("status", "stop") and early_host is not None:
-        early_host.discard()
     if action == "status":
         return daemon_status(options)
-    if action == "stop":
-        return daemon_stop(options)
-    return run_daemon(options, early_host)
+    return daemon_stop(options)
 
 
 def _skipped(probe: PortProbe) -> None:
