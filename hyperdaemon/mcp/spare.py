@@ -123,6 +123,8 @@ class SpareKeeper:
         self._spare: Spare | None = None
         self._making = False
         self._stopped = False
+        #: The replenish that a take scheduled, if it has not run.
+        self._next: Any = None
 
     @property
     def ready(self) -> bool:
@@ -143,7 +145,7 @@ class SpareKeeper:
                 self._spare = spare
 
         def failed(failure: Any) -> None:
-            self._making = False  # the next launcher opens as ever, and asks again
+            self._making = False  # the next launcher opens as ever, and asks again (take)
             _log.info("no spare scratch database for now: {error}",
                       error=failure.getErrorMessage())
 
@@ -154,10 +156,15 @@ class SpareKeeper:
         The spare's database, moved into a session folder of C{pid}, and its
         connection; None if no spare is ready.  Another is made.
         """
+        if self._stopped:
+            return None
         spare, self._spare = self._spare, None
+        # The next one, once this launcher's session is under way; or again,
+        # if the last could not be made.
+        if self._next is None or not self._next.active():
+            self._next = self._reactor.callLater(self.pause, self.replenish)
         if spare is None:
             return None
-        self._reactor.callLater(self.pause, self.replenish)
         try:
             return hand_over(spare, pid), spare.connection
         except OSError as e:
@@ -166,6 +173,8 @@ class SpareKeeper:
 
     def stop(self) -> None:
         self._stopped = True
+        if self._next is not None and self._next.active():
+            self._next.cancel()
         spare, self._spare = self._spare, None
         if spare is not None:
             spare.discard()

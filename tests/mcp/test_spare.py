@@ -147,7 +147,9 @@ async def test_a_failed_build_leaves_the_keeper_able_to_try_again(tmp_path: Path
         await until(lambda: builds.count == 1 and not keeper._making, QUICK, "the failure")
         assert not keeper.ready
         builds.fail = False
-        keeper.replenish()
+        # The next launcher finds none, and has another made.
+        assert keeper.take(4242) is None
         await until(lambda: keeper.ready, QUICK, "a spare")
+        assert builds.count == 2
     finally:
         keeper.stop()
