@@ -658,10 +658,12 @@ def main(argv: list[str] | None = None) -> int:
             if host.daemon_port is not None:
                 return
             self._buffer += data
-            line, found, self._buffer = self._buffer.partition(b"\n")
+            line, found, rest = self._buffer.partition(b"\n")
             if not found:
-                self._buffer = line[-64:]
+                if len(line) > 64:
+                    fail(f"the daemon's first line is not 'PORT <n>': {line[:80]!r}")
                 return
+            self._buffer = rest
             word, _, port = line.decode("ascii", "replace").partition(" ")
             if word != "PORT" or not port.strip().isdigit():
                 fail(f"the daemon's first line is not 'PORT <n>': {line[:80]!r}")

@@ -675,3 +675,16 @@ def test_the_relay_tracks_a_long_request_without_parsing_it() -> None:
         relay.sock.close()
         os.close(relay._wake_r)
         os.close(relay._wake_w)
+
+
+@pytest.mark.parametrize("first", [b"HELLO 1234\n", b"PORT x\n", b"P" * 100])
+def test_a_host_waiting_for_its_port_exits_on_any_other_first_line(
+        tmp_path: Path, first: bytes) -> None:
+    state = tmp_path / "state"
+    state.mkdir(mode=0o700)
+    host = subprocess.run([sys.executable, "-m", "hyperdaemon.mcp.host", "--state-dir",
+                           str(state)], input=first, capture_output=True, timeout=READY_TIMEOUT)
+    assert host.returncode == 1
+    assert b"is not 'PORT <n>'" in host.stderr
+    assert b"READY" not in host.stdout
+    assert not (state / "mcp-host.sock").exists()
