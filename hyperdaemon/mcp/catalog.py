@@ -707,15 +707,6 @@ def export_iceberg(tools: Any, path: str, sql: str | None, table: str | None,
     if not target.parent.is_dir():
         raise ToolFailure(f"path: the folder {target.parent} does not exist; create it or "
                           f"choose another path")
-    left = set_aside_tables(target)
-    if left:
-        # An export replacing this table was cut off (the process killed):
-        # the table that was there waits beside it, hidden, and which of
-        # the two is whole cannot be told here.  The user decides.
-        raise ToolFailure(f"path: an earlier export to {target} was cut off while it replaced "
-                          f"the table there, which was kept at {left[0]}; check both, then "
-                          f"move the one to keep to {target} (or remove {left[0]}), and run "
-                          f"the export again")
     if os.path.lexists(target):
         if not target.is_dir() or target.is_symlink():
             raise ToolFailure(f"path: {target} exists and is not a folder, and an Iceberg table "
@@ -734,6 +725,16 @@ def export_iceberg(tools: Any, path: str, sql: str | None, table: str | None,
     replace = os.path.lexists(target)
 
     def work(conn: Any) -> dict[str, Any]:
+        # In the worker: the folder may hold many entries to list.
+        left = set_aside_tables(target)
+        if left:
+            # An export replacing this table was cut off (the process
+            # killed): the table that was there waits beside it, hidden, and
+            # which of the two is whole cannot be told here.  The user decides.
+            raise ToolFailure(f"path: an earlier export to {target} was cut off while it "
+                              f"replaced the table there, which was kept at {left[0]}; check "
+                              f"both, then move the one to keep to {target} (or remove "
+                              f"{left[0]}), and run the export again")
         with _search_path(conn, db):
             # Refused SQL must not get as far as moving the old table aside.
             _require_read_only(conn, select)
