@@ -82,8 +82,8 @@ def concurrency(max_concurrent: Any) -> int:
 def watchable_folder(path: Any) -> Path:
     """
     The absolute, resolved folder that C{path} names, if a watch can use it:
-    a folder this user can list and write in (loaded files are deleted,
-    failed ones moved).
+    a folder this user can list and write in (loaded files are deleted or
+    moved into loaded/, failed ones moved into failed/).
 
     @raise ToolFailure: naming C{path} and what to do.
     """
@@ -98,7 +98,8 @@ def watchable_folder(path: Any) -> Path:
                           f"files are dropped into")
     if not os.access(folder, os.R_OK | os.W_OK | os.X_OK):
         raise ToolFailure(f"path: this user cannot list and write in {folder} (loaded files "
-                          f"are deleted from it); fix its permissions, or watch another folder")
+                          f"are moved or deleted from it); fix its permissions, or watch "
+                          f"another folder")
     return folder
 
 
